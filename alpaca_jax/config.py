@@ -1,0 +1,207 @@
+"""The run config: one frozen dataclass per concern, loaded from YAML with dotted overrides.
+
+`load_config("configs/alpaca_7b.yaml", ["train.max_steps=10"])` returns a `Config`. The
+dataclass defaults are the embedded default run (the tiny model on the bundled seed tasks),
+so `alpaca-jax train` with no file works out of the box. `model.preset` names a file in
+`configs/model/` whose fields sit under any fields the run config sets itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from alpaca_jax import configlib
+from alpaca_jax.configlib import ConfigError
+
+__all__ = ["Config", "ModelConfig", "RopeScalingConfig", "TokenizerConfig", "DataConfig",
+           "OptimizerConfig", "TrainConfig", "RunConfig", "MeshConfig", "ConfigError",
+           "load_config", "config_from_dict", "save_config", "CONFIG_DIR", "MODEL_PRESET_DIR"]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+MODEL_PRESET_DIR = CONFIG_DIR / "model"
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+    """LLaMA-3.1 style frequency-dependent rotary scaling (HF `rope_type: llama3`)."""
+    factor: float = 8.0                             # how much longer than the original context
+    low_freq_factor: float = 1.0                    # wavelengths above ctx/low are divided by factor
+    high_freq_factor: float = 4.0                   # wavelengths below ctx/high are left alone
+    original_max_position_embeddings: int = 8192    # context length the base model was trained on
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """LLaMA shape and numerics. Defaults are the `tiny` preset."""
+    preset: str | None = None              # name of a file in configs/model/ supplying defaults
+    vocab_size: int = 2048                 # rows of the embedding table (>= tokenizer size)
+    hidden_size: int = 128                 # model width D
+    intermediate_size: int = 352           # SwiGLU inner width F
+    num_layers: int = 4                    # transformer blocks
+    num_heads: int = 4                     # query heads N
+    num_kv_heads: int = 2                  # key/value heads K (GQA when K < N)
+    head_dim: int | None = None            # per-head width H; default hidden_size // num_heads
+    rope_theta: float = 10000.0            # rotary base
+    rope_scaling: RopeScalingConfig | None = None  # LLaMA-3.1 rope scaling; null for none
+    rms_norm_eps: float = 1e-6             # epsilon inside RMSNorm
+    max_position_embeddings: int = 2048    # longest position the model is meant for
+    tie_embeddings: bool = False           # share the input embedding with the output head
+    init_std: float = 0.02                 # std of the normal init of every matrix (HF default)
+    param_dtype: DType = "float32"         # dtype parameters are stored (and optimised) in
+    dtype: DType = "float32"               # dtype of activations and matmuls
+    scan_layers: bool = True               # compile one block and scan it (fast compiles at depth)
+    remat: Literal["none", "full", "save_dots", "minimal"] = "none"  # activation recompute policy
+
+    def __post_init__(self):
+        if self.hidden_size <= 0 or self.num_layers <= 0 or self.vocab_size <= 0:
+            raise ConfigError("model: hidden_size, num_layers and vocab_size must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_heads ({self.num_heads}) must be a multiple of "
+                              f"model.num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size ({self.hidden_size}) is not divisible by "
+                              f"model.num_heads ({self.num_heads}); set model.head_dim")
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"model.head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """Which tokenizer: a local HF directory, or a byte-level BPE trained on the run's data."""
+    path: str | None = None                # local HF tokenizer dir; null trains a BPE into the run dir
+    vocab_size: int | None = None          # BPE vocabulary when training one; default model.vocab_size
+    min_frequency: int = 2                 # BPE: minimum pair count for a merge
+    add_bos: bool = True                   # prepend the BOS token to every example (LLaMA does)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Instruction data: files, prompt template, lengths and packing."""
+    train_files: tuple[str, ...] = ("builtin:seed_tasks",)  # JSON/JSONL files; builtin:seed_tasks = bundled pool
+    format: Literal["auto", "alpaca", "seed_tasks"] = "auto"  # row schema; auto detects per file
+    template: Literal["alpaca"] = "alpaca"  # prompt template family (with/without input)
+    max_len: int = 256                     # tokens per example (BOS..EOS) and per packed row
+    packing: bool = True                   # pack several examples per row (else one, padded)
+    pack_window: int = 64                  # open rows first-fit packing keeps (more = denser)
+
+    def __post_init__(self):
+        if not self.train_files:
+            raise ConfigError("data.train_files: at least one file is needed")
+        if self.max_len < 8:
+            raise ConfigError(f"data.max_len must be at least 8, got {self.max_len}")
+        if self.pack_window < 1:
+            raise ConfigError("data.pack_window must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then decay, and global-norm clipping."""
+    learning_rate: float = 3e-3            # peak learning rate
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    warmup_ratio: float = 0.03             # warmup length as a fraction of total steps
+    warmup_steps: int | None = None        # warmup length in steps (overrides warmup_ratio)
+    min_lr_ratio: float = 0.0              # final learning rate as a fraction of the peak
+    weight_decay: float = 0.0              # decoupled weight decay (not on norms)
+    b1: float = 0.9                        # Adam beta1
+    b2: float = 0.999                      # Adam beta2 (HF Trainer default, as Alpaca used)
+    eps: float = 1e-8                      # Adam epsilon
+    max_grad_norm: float | None = 1.0      # clip gradients to this global norm; null for none
+
+    def __post_init__(self):
+        if self.learning_rate < 0 or not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError("optimizer: learning_rate must be >= 0 and warmup_ratio in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Loop length, batch, logging."""
+    seed: int = 0                          # seeds init, shuffling and packing
+    num_epochs: int = 3                    # passes over the training data
+    max_steps: int | None = None           # stop after this many optimizer steps (caps epochs)
+    batch_size: int = 8                    # global batch in rows (packed rows or padded examples)
+    grad_accum: int = 1                    # micro-batches per step; batch_size must divide evenly
+    log_every: int = 10                    # steps between metric lines (step 1 always logged)
+    progress_bar: bool = True              # show a tqdm bar on stderr
+
+    def __post_init__(self):
+        if self.batch_size <= 0 or self.grad_accum <= 0 or self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size ({self.batch_size}) must be a positive multiple "
+                              f"of train.grad_accum ({self.grad_accum})")
+        if self.num_epochs <= 0 or self.log_every <= 0:
+            raise ConfigError("train.num_epochs and train.log_every must be positive")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError("train.max_steps must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Where the run writes."""
+    name: str = "tiny"                     # run name; the run dir defaults to runs/<name>
+    dir: str | None = None                 # run directory (overrides runs/<name>)
+    tensorboard: bool = True               # also write TensorBoard event files
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir) if self.dir else Path("runs") / self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh and the logical-axis rules that place parameters and batches on it."""
+    data: int = -1                         # data-parallel axis size; -1 = the remaining devices
+    fsdp: int = 1                          # fully-sharded data-parallel axis size
+    tensor: int = 1                        # tensor-parallel axis size
+    # logical axis -> mesh axis (or list of mesh axes, or null = replicated)
+    rules: dict[str, Any] = dataclasses.field(default_factory=lambda: {
+        "batch": ["data", "fsdp"], "length": None, "vocab": "tensor", "embed": "fsdp",
+        "heads": "tensor", "kv_heads": "tensor", "head_dim": None, "mlp": "tensor",
+        "norm": None, "layers": None,
+    })
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    run: RunConfig = RunConfig()
+    mesh: MeshConfig = MeshConfig()
+
+
+def _resolve_model_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """Put the named preset's fields under the model fields the config sets itself."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("preset"):
+        return data
+    name = model["preset"]
+    path = MODEL_PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml")))
+        raise ConfigError(f"config key 'model.preset': unknown preset '{name}' (known: {known})")
+    preset = configlib.load_yaml(path)
+    return {**data, "model": {**preset, **model}}
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data = configlib.apply_overrides(data, list(overrides))
+    return configlib.build(Config, _resolve_model_preset(data))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (or the embedded default when None) + `section.field=value` overrides."""
+    data = configlib.load_yaml(path) if path is not None else {}
+    return config_from_dict(data, overrides)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    configlib.dump_yaml(cfg, path)

@@ -1,0 +1,25 @@
+"""The Stanford Alpaca prompt templates (verbatim from the released `train.py`).
+
+Two templates: one for instructions with an `input` field, one for those without. The model
+sees the prompt and is trained to produce only the response that follows `### Response:`.
+"""
+
+from __future__ import annotations
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - the Alpaca field name
+    """The prompt for one example; an empty or whitespace-only input uses the no-input template."""
+    if input and input.strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)

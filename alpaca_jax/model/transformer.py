@@ -1,0 +1,87 @@
+"""The LLaMA decoder: embeddings, a stack of pre-norm blocks, final norm, output head.
+
+Used pure-functionally through Linen: `Llama(cfg).apply({"params": params}, ids, positions,
+segment_ids)`. Packed rows are handled by explicit `positions` (restarting at 0 per example)
+and `segment_ids` (0 = padding), so attention never crosses examples.
+
+Einsum legend: B batch, T length, D embed, V vocab.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from alpaca_jax.config import ModelConfig
+from alpaca_jax.model.attention import Attention, segment_causal_mask
+from alpaca_jax.model.layers import DTYPES, RMSNorm, param
+from alpaca_jax.model.mlp import SwiGLU
+from alpaca_jax.model.rope import rope_cos_sin, rope_inverse_frequencies
+
+# What a rematerialised block keeps for the backward pass ("none" means no remat at all).
+REMAT_POLICIES = {
+    "full": None,  # keep only the block's inputs; recompute everything
+    "save_dots": jax.checkpoint_policies.dots_saveable,  # keep every matmul output
+    # keep weight matmuls but not the attention score matmuls (which have batch dims)
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, None) so it can be scanned."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin):
+        cfg = self.config
+        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        attn_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="attention_norm")(x)
+        x = x + Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.init_std,
+                          dtype, param_dtype, name="attention")(attn_in, mask, cos, sin)
+        mlp_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="mlp_norm")(x)
+        x = x + SwiGLU(cfg.intermediate_size, cfg.init_std, dtype, param_dtype, name="mlp")(mlp_in)
+        return x, None
+
+
+def _block_class(cfg: ModelConfig):
+    if cfg.remat == "none":
+        return Block
+    # prevent_cse is only needed outside scan (scan already stops XLA from merging recomputes).
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Llama(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """[B, T] int ids, positions and segment ids -> [B, T, V] logits (compute dtype)."""
+        cfg = self.config
+        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        init = nn.initializers.normal(cfg.init_std)
+        embedding = param(self, "embedding", init, (cfg.vocab_size, cfg.hidden_size),
+                          ("vocab", "embed"), param_dtype)
+        x = jnp.take(embedding, input_ids, axis=0).astype(dtype)  # [B, T, D]
+
+        mask = segment_causal_mask(segment_ids)
+        inv_freq = rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = rope_cos_sin(positions, inv_freq)
+
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                            length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(cfg, name="layers")(x, mask, cos, sin)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = block(cfg, name=f"layers_{i}")(x, mask, cos, sin)
+
+        x = RMSNorm(cfg.rms_norm_eps, param_dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            return jnp.einsum("BTD,VD->BTV", x, embedding.astype(dtype))
+        lm_head = param(self, "lm_head", init, (cfg.hidden_size, cfg.vocab_size),
+                        ("embed", "vocab"), param_dtype)
+        return jnp.einsum("BTD,DV->BTV", x, lm_head.astype(dtype))

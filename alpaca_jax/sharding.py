@@ -1,0 +1,105 @@
+"""The device mesh and logical-axis rules: where every parameter and batch dimension lives.
+
+Model code names dimensions logically (embed, heads, mlp, ...). The config's `mesh.rules` map
+each logical name to a mesh axis (data, fsdp, tensor), a list of them, or null (replicated),
+MaxText-style. A logical name with no rule is an error, never a silent replication: a new
+parameter axis must be placed on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from alpaca_jax.configlib import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+    """Resolve -1 ('the rest') and check that the mesh covers the devices exactly."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    if sum(s == -1 for s in sizes) > 1:
+        raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ConfigError(f"mesh: {dict(zip(MESH_AXES, sizes))} does not divide the "
+                              f"{num_devices} devices ({num_devices} is not a multiple of {known})")
+        sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} "
+                          f"({dict(zip(MESH_AXES, sizes))}) but there are {num_devices} devices")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def _mesh_axes_for(name: str | None, rules: dict[str, Any]):
+    if name is None:
+        return None
+    if name not in rules:
+        raise ConfigError(f"mesh.rules has no rule for logical axis '{name}' "
+                          f"(add e.g. 'mesh.rules.{name}=null' to replicate it)")
+    target = rules[name]
+    if target is None:
+        return None
+    targets = (target,) if isinstance(target, str) else tuple(target)
+    for t in targets:
+        if t not in MESH_AXES:
+            raise ConfigError(f"mesh.rules.{name}: unknown mesh axis '{t}' (mesh axes: {MESH_AXES})")
+    return targets[0] if len(targets) == 1 else targets
+
+
+def logical_to_mesh(spec: P, rules: dict[str, Any]) -> P:
+    """PartitionSpec of logical names -> PartitionSpec of mesh axes; a mesh axis is used once."""
+    used: set[str] = set()
+    out = []
+    for name in spec:
+        axes = _mesh_axes_for(name, rules)
+        flat = () if axes is None else ((axes,) if isinstance(axes, str) else axes)
+        flat = tuple(a for a in flat if a not in used)  # an axis already used stays replicated
+        used.update(flat)
+        out.append(None if not flat else (flat[0] if len(flat) == 1 else flat))
+    return P(*out)
+
+
+def check_divisible(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> None:
+    for dim, (size, axes) in enumerate(zip(shape, spec)):
+        if axes is None:
+            continue
+        names = (axes,) if isinstance(axes, str) else axes
+        parts = math.prod(mesh.shape[a] for a in names)
+        if size % parts:
+            raise ConfigError(f"mesh: dimension {dim} of '{path}' (size {size}) is not divisible "
+                              f"by mesh axes {names} (size {parts})")
+
+
+def tree_shardings(logical_specs, shapes, mesh: Mesh, rules: dict[str, Any]):
+    """NamedShardings for a pytree, given its logical specs and abstract shapes."""
+    def one(path, spec, shape):
+        mesh_spec = logical_to_mesh(spec, rules)
+        check_divisible(jax.tree_util.keystr(path), shape.shape, mesh_spec, mesh)
+        return NamedSharding(mesh, mesh_spec)
+    return jax.tree_util.tree_map_with_path(one, logical_specs, shapes,
+                                            is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, rules: dict[str, Any], leading: int = 0) -> NamedSharding:
+    """Sharding of a [..., batch, length] array with `leading` unsharded leading dims."""
+    spec = logical_to_mesh(P("batch", "length"), rules)
+    return NamedSharding(mesh, P(*([None] * leading), *spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,155 @@
+"""The training loop: config -> data -> sharded train state -> jitted steps -> metrics.
+
+`train(cfg)` is what `alpaca-jax train` and the notebooks call. It owns the side effects (run
+directory, logs, progress bar); the math lives in `step.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from alpaca_jax import sharding
+from alpaca_jax.config import Config, save_config
+from alpaca_jax.data import (BatchIterator, get_tokenizer, load_instruction_dataset, special_ids,
+                             tokenize_dataset)
+from alpaca_jax.model import Llama, logical_axes
+from alpaca_jax.train.metrics import MetricsWriter
+from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
+from alpaca_jax.train.state import create_train_state, state_shardings
+from alpaca_jax.train.step import train_step
+
+log = logging.getLogger("alpaca_jax")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss became NaN); the message says why, in one line."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    first_loss: float
+    last_loss: float
+    state: object
+
+
+def _corpus_texts(ds):
+    for row in ds:
+        yield "\n".join((row["instruction"], row["input"], row["output"]))
+
+
+def build_batches(cfg: Config, run_dir: Path):
+    """Load, tokenize and set up the batch stream; returns (iterator, tokenizer, stats)."""
+    ds = load_instruction_dataset(cfg.data.train_files, cfg.data.format)
+    tokenizer = get_tokenizer(cfg.tokenizer, cfg.model.vocab_size, run_dir, _corpus_texts(ds))
+    kept, stats = tokenize_dataset(ds, tokenizer, cfg.data.max_len, cfg.tokenizer.add_bos)
+    if stats.kept == 0:
+        raise TrainingError(f"no example has a response token within data.max_len={cfg.data.max_len}")
+    iterator = BatchIterator(
+        list(kept["input_ids"]), list(kept["loss_mask"]), batch_size=cfg.train.batch_size,
+        seq_len=cfg.data.max_len, seed=cfg.train.seed, num_epochs=cfg.train.num_epochs,
+        pad_id=special_ids(tokenizer).pad, packing=cfg.data.packing,
+        pack_window=cfg.data.pack_window, shard_index=jax.process_index(),
+        shard_count=jax.process_count())
+    return iterator, tokenizer, stats
+
+
+def _to_global(batch: dict[str, np.ndarray], accum: int, global_batch: int, batch_sh):
+    """Process-local [b, T] rows -> global [A, B/A, T] arrays placed on the mesh."""
+    out = {}
+    for key, local in batch.items():
+        local = local.reshape(accum, local.shape[0] // accum, local.shape[1])
+        global_shape = (accum, global_batch // accum, local.shape[2])
+        out[key] = jax.make_array_from_process_local_data(batch_sh, local, global_shape)
+    return out
+
+
+def train(cfg: Config, devices=None) -> TrainResult:
+    run_dir = cfg.run.path
+    is_main = jax.process_index() == 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        save_config(cfg, run_dir / "config.yaml")
+
+    iterator, tokenizer, stats = build_batches(cfg, run_dir)
+    total_steps = iterator.total_steps()
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    log.info("data: %d examples, %d kept, %d truncated to %d tokens, %d dropped (prompt too long); "
+             "%d tokens, %d in the loss; packing efficiency %.1f%%; %d steps",
+             stats.examples, stats.kept, stats.truncated, cfg.data.max_len, stats.dropped,
+             stats.tokens, stats.loss_tokens, 100 * iterator.packing_efficiency(), total_steps)
+
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = cfg.mesh.rules
+    schedule = learning_rate_schedule(cfg.optimizer, total_steps)
+    optimizer = make_optimizer(cfg.optimizer, schedule, logical_axes(cfg.model))
+    shardings = state_shardings(cfg.model, optimizer, mesh, rules)
+    state = create_train_state(cfg.model, optimizer, jax.random.key(cfg.train.seed), shardings)
+    batch_sh = sharding.batch_sharding(mesh, rules, leading=1)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=Llama(cfg.model), optimizer=optimizer, schedule=schedule),
+        in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0)
+
+    writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=is_main)
+    summary = {"tokenize": dataclasses.asdict(stats), "packing_efficiency": iterator.packing_efficiency(),
+               "total_steps": total_steps, "devices": len(mesh.devices.flat)}
+    first_loss = last_loss = math.nan
+    window: list[dict] = []
+    tokens_seen = loss_tokens_seen = 0
+    window_start = time.perf_counter()
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (cfg.train.progress_bar and is_main))
+    try:
+        for step in range(1, total_steps + 1):
+            batch = _to_global(next(iterator), cfg.train.grad_accum, cfg.train.batch_size, batch_sh)
+            state, metrics = step_fn(state, batch)
+            window.append(metrics)
+            bar.update(1)
+            if step == 1 or step % cfg.train.log_every == 0 or step == total_steps:
+                fetched = jax.device_get(window)
+                elapsed = time.perf_counter() - window_start
+                window_tokens = int(sum(m["tokens"] for m in fetched))
+                tokens_seen += window_tokens
+                loss_tokens_seen += int(sum(m["loss_tokens"] for m in fetched))
+                loss = float(np.mean([m["loss"] for m in fetched]))
+                record = {
+                    "step": step,
+                    "epoch": iterator.epoch,
+                    "loss": loss,
+                    "learning_rate": float(fetched[-1]["learning_rate"]),
+                    "grad_norm": float(fetched[-1]["grad_norm"]),
+                    "tokens_seen": tokens_seen,
+                    "loss_tokens_seen": loss_tokens_seen,
+                    "tokens_per_second": window_tokens / elapsed,
+                }
+                writer.write(record)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if step == 1:
+                    first_loss = loss
+                last_loss = loss
+                window, window_start = [], time.perf_counter()
+                if not math.isfinite(loss):
+                    raise TrainingError(f"loss is {loss} at step {step}; stopping (try a lower "
+                                        f"optimizer.learning_rate, or check the data)")
+    finally:
+        bar.close()
+        writer.close()
+    summary.update({"steps": total_steps, "first_loss": first_loss, "last_loss": last_loss})
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("done: %d steps, loss %.4f -> %.4f; run dir %s", total_steps, first_loss, last_loss, run_dir)
+    return TrainResult(run_dir=run_dir, steps=total_steps, first_loss=first_loss,
+                       last_loss=last_loss, state=state)

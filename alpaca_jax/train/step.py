@@ -1,0 +1,69 @@
+"""The pure train step and the supervised loss.
+
+Loss: the mean cross-entropy over all response tokens of the *global* batch (every micro-batch
+of every device), i.e. sum(token losses) / count(response tokens). Long responses therefore
+weigh more than short ones, and the value does not depend on how the batch is split into
+micro-batches or devices. (HF Trainer, which Alpaca used, averages per micro-batch and then
+across micro-batches, so its loss shifts with the split; ours is split-invariant, which is what
+lets packed and unpacked runs, and 1 vs 8 devices, agree exactly.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from alpaca_jax.train.state import TrainState
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position -log p(target), computed in fp32: [B, T, V], [B, T] -> [B, T]."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logit
+
+
+def summed_loss(params, model, batch) -> jax.Array:
+    """Sum of response-token losses of one [B, T] batch (not yet divided by the count)."""
+    logits = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    losses = token_cross_entropy(logits, batch["targets"])
+    return jnp.sum(losses * batch["loss_mask"])
+
+
+def loss_and_grads(params, model, batch):
+    """Mean response-token loss and its gradient over a batch of [A, M, T] micro-batches.
+
+    Each micro-batch's summed loss is divided by the global token count before
+    differentiation, so accumulated gradients are exactly those of the global mean.
+    """
+    num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    grad_fn = jax.value_and_grad(lambda p, mb: summed_loss(p, model, mb) / num_tokens)
+    if batch["input_ids"].shape[0] == 1:  # no accumulation: skip the scan
+        return grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+
+    def accumulate(carry, micro_batch):
+        loss, grads = carry
+        micro_loss, micro_grads = grad_fn(params, micro_batch)
+        return (loss + micro_loss, jax.tree.map(jnp.add, grads, micro_grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
+    return loss, grads
+
+
+def train_step(state: TrainState, batch, *, model, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch of [A, M, T] arrays (A = accumulation steps)."""
+    loss, grads = loss_and_grads(state.params, model, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state.step),
+        "tokens": jnp.sum(batch["segment_ids"] > 0),
+        "loss_tokens": jnp.sum(batch["loss_mask"]),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,140 @@
+"""The Flax LLaMA: published parameter counts, causality, packing equivalence, numerics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alpaca_jax.config import RopeScalingConfig
+from alpaca_jax.data.packing import pack_rows
+from alpaca_jax.model import Llama, count_params, init_params, logical_axes, model_preset, preset_names
+from alpaca_jax.model.rope import rope_inverse_frequencies
+from alpaca_jax.train.step import loss_and_grads
+from helpers import random_examples, tiny_model
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+PUBLISHED = {  # parameter counts of the released checkpoints
+    "llama-7b": 6_738_415_616,
+    "llama-13b": 13_015_864_320,
+    "llama2-7b": 6_738_415_616,
+    "llama3-8b": 8_030_261_248,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_parameter_count_matches_published(name):
+    assert count_params(model_preset(name)) == PUBLISHED[name]
+
+
+def test_every_preset_has_a_count_and_axis_names():
+    for name in preset_names():
+        cfg = model_preset(name)
+        specs = jax.tree.leaves(logical_axes(cfg), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        assert specs and all(all(isinstance(a, str) for a in spec) for spec in specs), name
+
+
+def test_tied_embeddings_drop_the_output_head():
+    untied, tied = tiny_model(), tiny_model(tie_embeddings=True)
+    assert count_params(untied) - count_params(tied) == untied.vocab_size * untied.hidden_size
+
+
+def _logits(cfg, params, ids, positions=None, segments=None):
+    b, t = ids.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
+    segments = jnp.ones((b, t), jnp.int32) if segments is None else segments
+    return Llama(cfg).apply({"params": params}, ids, positions, segments)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_future_tokens_do_not_change_earlier_logits(scan):
+    cfg = tiny_model(scan_layers=scan)
+    params = init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    changed = ids.at[:, 7].set((ids[:, 7] + 1) % cfg.vocab_size)
+    before, after = _logits(cfg, params, ids), _logits(cfg, params, changed)
+    np.testing.assert_array_equal(np.asarray(before[:, :7]), np.asarray(after[:, :7]))
+    assert not np.allclose(np.asarray(before[:, 7:]), np.asarray(after[:, 7:]))
+
+
+def test_packed_row_equals_each_example_alone():
+    """Logits of an example inside a packed row equal its logits run by itself."""
+    cfg = tiny_model()
+    params = init_params(cfg, jax.random.key(0))
+    ids, masks = random_examples(np.random.default_rng(0), [7, 5, 9], cfg.vocab_size)
+    packed = pack_rows([[0, 1, 2]], ids, masks, seq_len=24, pad_id=0)
+    logits = _logits(cfg, params, packed["input_ids"], packed["positions"], packed["segment_ids"])
+    start = 0
+    for example in ids:
+        n = len(example) - 1
+        alone = _logits(cfg, params, jnp.asarray(example[None, :-1]))
+        np.testing.assert_allclose(np.asarray(logits[0, start:start + n]), np.asarray(alone[0]),
+                                   rtol=1e-5, atol=1e-5)
+        start += n
+
+
+def test_packed_batch_loss_and_grads_equal_unpacked():
+    cfg = tiny_model()
+    params = init_params(cfg, jax.random.key(3))
+    ids, masks = random_examples(np.random.default_rng(1), [9, 4, 12, 6, 8], cfg.vocab_size)
+    packed = pack_rows([[0, 1, 2], [3, 4]], ids, masks, seq_len=24, pad_id=0)
+    unpacked = pack_rows([[i] for i in range(5)], ids, masks, seq_len=12, pad_id=0)
+    as_micro = lambda b: {k: jnp.asarray(v)[None] for k, v in b.items()}
+    loss_p, grads_p = loss_and_grads(params, Llama(cfg), as_micro(packed))
+    loss_u, grads_u = loss_and_grads(params, Llama(cfg), as_micro(unpacked))
+    np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-6)
+    for gp, gu in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_u)):
+        np.testing.assert_allclose(np.asarray(gp), np.asarray(gu), rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    cfg = tiny_model()
+    params = init_params(cfg, jax.random.key(4))
+    ids, masks = random_examples(np.random.default_rng(2), [9, 4, 12, 6], cfg.vocab_size)
+    batch = {k: jnp.asarray(v) for k, v in pack_rows([[0], [1], [2], [3]], ids, masks, 12, 0).items()}
+    one = {k: v[None] for k, v in batch.items()}                       # [1, 4, T]
+    two = {k: v.reshape(2, 2, *v.shape[1:]) for k, v in batch.items()}  # [2, 2, T]
+    loss1, grads1 = loss_and_grads(params, Llama(cfg), one)
+    loss2, grads2 = loss_and_grads(params, Llama(cfg), two)
+    np.testing.assert_allclose(float(loss1), float(loss2), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_fp32_params_with_bf16_compute():
+    cfg32 = tiny_model()
+    cfg16 = tiny_model(dtype="bfloat16")
+    params = init_params(cfg32, jax.random.key(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    ids = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg32.vocab_size)
+    l32, l16 = _logits(cfg32, params, ids), _logits(cfg16, params, ids)
+    assert l16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(l16, np.float32), np.asarray(l32), atol=5e-2)
+    batch = {k: jnp.asarray(v)[None] for k, v in pack_rows(
+        [[0]], *random_examples(np.random.default_rng(0), [10], cfg16.vocab_size), 12, 0).items()}
+    loss, grads = loss_and_grads(params, Llama(cfg16), batch)
+    assert np.isfinite(float(loss))
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))  # grads follow the params
+
+
+def test_bf16_params_are_stored_in_bf16():
+    params = init_params(tiny_model(param_dtype="bfloat16", dtype="bfloat16"), jax.random.key(0))
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    scaling = RopeScalingConfig(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                original_max_position_embeddings=8192)
+    hf_cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+                         rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    ours = rope_inverse_frequencies(128, 500000.0, scaling)
+    np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)
+    plain = rope_inverse_frequencies(128, 500000.0)
+    assert not np.allclose(ours, plain)  # the scaling really changed the low frequencies
