@@ -36,6 +36,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config file (optional)")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides")
 
+    plan = sub.add_parser(
+        "plan", help="per-device memory of a config on a mesh, before launching",
+        description="Print per-device bytes of parameters, gradients, optimizer state and an "
+                    "activation estimate for CONFIG's mesh, and whether it fits --device-memory. "
+                    "Allocates nothing (shapes only), so any size can be planned on a laptop.",
+        epilog="example: alpaca-jax plan configs/alpaca_7b.yaml mesh.fsdp=8 --device-memory 80GB --devices 8")
+    plan.add_argument("config", nargs="?", help="YAML config file (optional)")
+    plan.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    plan.add_argument("--device-memory", help="memory per device, e.g. 80GB or 40GiB")
+    plan.add_argument("--devices", type=int,
+                      help="number of devices to plan for (default: mesh.data*fsdp*tensor when all "
+                           "are set, else the devices JAX sees here)")
+
     for name, text in (("generate", "generate instruction data with a teacher LLM (Self-Instruct / Alpaca)"),
                        ("dedup", "drop near-duplicate instructions by ROUGE-L (rouge-score semantics)")):
         sub.add_parser(name, help=text, add_help=False)
@@ -65,10 +78,29 @@ def main(argv: list[str] | None = None) -> int:
             from alpaca_jax.train import train
             path, overrides = _split_config(args)
             train(load_config(path, overrides))
+        elif args.command == "plan":
+            _plan(args)
         return 0
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from alpaca_jax.config import load_config
+    from alpaca_jax.plan import format_plan, parse_bytes, plan_memory
+    path, overrides = _split_config(args)
+    cfg = load_config(path, overrides)
+    devices = args.devices
+    if devices is None:
+        sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        if -1 in sizes:
+            import jax
+            devices = jax.device_count()
+        else:
+            devices = sizes[0] * sizes[1] * sizes[2]
+    memory = parse_bytes(args.device_memory) if args.device_memory else None
+    print(format_plan(plan_memory(cfg, devices), cfg, memory))
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

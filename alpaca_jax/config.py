@@ -16,7 +16,8 @@ from alpaca_jax import configlib
 from alpaca_jax.configlib import ConfigError
 
 __all__ = ["Config", "ModelConfig", "RopeScalingConfig", "TokenizerConfig", "DataConfig",
-           "OptimizerConfig", "TrainConfig", "RunConfig", "MeshConfig", "ConfigError",
+           "OptimizerConfig", "TrainConfig", "RunConfig", "MeshConfig", "DistributedConfig", "CheckpointConfig",
+           "ConfigError",
            "load_config", "config_from_dict", "save_config", "CONFIG_DIR", "MODEL_PRESET_DIR"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -55,6 +56,8 @@ class ModelConfig:
     dtype: DType = "float32"               # dtype of activations and matmuls
     scan_layers: bool = True               # compile one block and scan it (fast compiles at depth)
     remat: Literal["none", "full", "save_dots", "minimal"] = "none"  # activation recompute policy
+    init_from: str | None = None           # start from these weights: a local HF LLaMA dir or an import-hf output; null = random init
+    attention: Literal["xla", "chunked"] = "xla"  # attention kernel: jax.nn.dot_product_attention, or causal query blocks (exact, faster on CPU)
 
     def __post_init__(self):
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.vocab_size <= 0:
@@ -130,6 +133,7 @@ class TrainConfig:
     grad_accum: int = 1                    # micro-batches per step; batch_size must divide evenly
     log_every: int = 10                    # steps between metric lines (step 1 always logged)
     progress_bar: bool = True              # show a tqdm bar on stderr
+    resume: bool = True                    # continue from the run dir's latest checkpoint; false = refuse a run dir that has one
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.batch_size % self.grad_accum:
@@ -168,6 +172,31 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host start-up (`jax.distributed.initialize`). Single-process runs leave it alone."""
+    coordinator_address: str | None = None  # host:port of process 0; set to run multi-process
+    num_processes: int | None = None        # total processes (with coordinator_address)
+    process_id: int | None = None           # this process's index (with coordinator_address)
+    auto: bool = False                      # let JAX detect the cluster (SLURM, TPU pods, ...)
+    cpu_collectives: Literal["gloo", "mpi", "none"] = "gloo"  # CPU cross-process collectives
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints in <run dir>/checkpoints/<step>: params, optimizer state, data position."""
+    every: int | None = 100                # save every N optimizer steps (and always at the last); null = only the last
+    keep: int | None = 3                   # keep the K most recent checkpoints; null keeps all
+    keep_best: bool = False                # also keep the one with the lowest logged loss (train loss: there is no eval loop)
+    async_save: bool = True                # write in a background thread while training continues
+
+    def __post_init__(self):
+        if self.every is not None and self.every <= 0:
+            raise ConfigError(f"checkpoint.every must be positive or null, got {self.every}")
+        if self.keep is not None and self.keep <= 0:
+            raise ConfigError(f"checkpoint.keep must be positive or null, got {self.keep}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -176,6 +205,8 @@ class Config:
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
     mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
 
 def _resolve_model_preset(data: dict[str, Any]) -> dict[str, Any]:

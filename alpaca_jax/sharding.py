@@ -74,25 +74,50 @@ def logical_to_mesh(spec: P, rules: dict[str, Any]) -> P:
     return P(*out)
 
 
-def check_divisible(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> None:
+def path_name(path) -> str:
+    """('layers', 'attention', 'wq') key path -> 'layers/attention/wq'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def check_divisible(path: str, shape: tuple[int, ...], spec: P, axis_sizes: dict[str, int]) -> None:
     for dim, (size, axes) in enumerate(zip(shape, spec)):
         if axes is None:
             continue
         names = (axes,) if isinstance(axes, str) else axes
-        parts = math.prod(mesh.shape[a] for a in names)
+        parts = math.prod(axis_sizes[a] for a in names)
         if size % parts:
             raise ConfigError(f"mesh: dimension {dim} of '{path}' (size {size}) is not divisible "
                               f"by mesh axes {names} (size {parts})")
 
 
-def tree_shardings(logical_specs, shapes, mesh: Mesh, rules: dict[str, Any]):
-    """NamedShardings for a pytree, given its logical specs and abstract shapes."""
+def mesh_specs(logical_specs, shapes, axis_sizes: dict[str, int], rules: dict[str, Any]):
+    """Mesh PartitionSpecs for a pytree from its logical specs, checked to divide evenly.
+
+    Needs only the mesh's axis sizes, not devices, so the memory planner can use it for a
+    cluster it is not running on.
+    """
     def one(path, spec, shape):
         mesh_spec = logical_to_mesh(spec, rules)
-        check_divisible(jax.tree_util.keystr(path), shape.shape, mesh_spec, mesh)
-        return NamedSharding(mesh, mesh_spec)
+        check_divisible(path_name(path), shape.shape, mesh_spec, axis_sizes)
+        return mesh_spec
     return jax.tree_util.tree_map_with_path(one, logical_specs, shapes,
                                             is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_shape(shape: tuple[int, ...], spec: P, axis_sizes: dict[str, int]) -> tuple[int, ...]:
+    """The per-device block of an array of `shape` placed with mesh `spec`."""
+    out = list(shape)
+    for dim, axes in enumerate(spec):
+        if axes is not None:
+            names = (axes,) if isinstance(axes, str) else axes
+            out[dim] //= math.prod(axis_sizes[a] for a in names)
+    return tuple(out)
+
+
+def tree_shardings(logical_specs, shapes, mesh: Mesh, rules: dict[str, Any]):
+    """NamedShardings for a pytree, given its logical specs and abstract shapes."""
+    specs = mesh_specs(logical_specs, shapes, dict(mesh.shape), rules)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh, rules: dict[str, Any], leading: int = 0) -> NamedSharding:

@@ -212,3 +212,24 @@ def test_seed_tasks_convert_to_alpaca_rows(shared_data):
     assert rows[0] == {"instruction": tasks[0]["instruction"], "input": tasks[0]["instances"][0]["input"],
                        "output": tasks[0]["instances"][0]["output"]}
     assert sum(r["input"] == "" for r in rows) == 50
+
+
+def test_local_hf_tokenizer_without_pad_falls_back_to_eos(tmp_path):
+    """A LLaMA-like tokenizer directory (bos/eos, no pad) loads offline via AutoTokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    from alpaca_jax.config import TokenizerConfig
+    from alpaca_jax.data import get_tokenizer, special_ids
+    base = train_bpe_tokenizer(["hello world, the quick brown fox"] * 20, vocab_size=300)
+    llama_like = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer,
+                                         bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    llama_like.save_pretrained(str(tmp_path / "tok"))
+    tokenizer = get_tokenizer(TokenizerConfig(path=str(tmp_path / "tok")), 512, tmp_path / "run", [])
+    ids = special_ids(tokenizer)
+    assert tokenizer.pad_token_id is None and ids.pad == ids.eos == tokenizer.convert_tokens_to_ids("</s>")
+    assert ids.bos == tokenizer.convert_tokens_to_ids("<s>")
+    assert not (tmp_path / "run" / "tokenizer").exists()  # a configured tokenizer is not retrained
+    with pytest.raises(DataError, match="model.vocab_size"):
+        get_tokenizer(TokenizerConfig(path=str(tmp_path / "tok")), 100, tmp_path / "run", [])
+    with pytest.raises(DataError, match="tokenizer directory not found"):
+        get_tokenizer(TokenizerConfig(path=str(tmp_path / "nope")), 512, tmp_path / "run", [])

@@ -12,7 +12,6 @@ malformed row deep in a 52K-row file must be reported precisely rather than as a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Iterator
@@ -30,8 +29,9 @@ def resolve_data_path(name: str) -> Path:
     """A path, or `builtin:seed_tasks` for the seed pool shipped inside `data_gen`."""
     if name.startswith(BUILTIN_PREFIX):
         builtin = name[len(BUILTIN_PREFIX):]
-        spec = importlib.util.find_spec("data_gen")  # the pool ships inside the data_gen package
-        path = Path(list(spec.submodule_search_locations)[0]) / f"{builtin}.jsonl"
+        # The pool ships inside the data_gen package, installed beside alpaca_jax (editable or
+        # not). Located by path rather than import so a `tests/data_gen` folder cannot shadow it.
+        path = Path(__file__).resolve().parents[2] / "data_gen" / f"{builtin}.jsonl"
     else:
         path = Path(name).expanduser()
     if not path.is_file():

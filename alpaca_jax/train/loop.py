@@ -15,16 +15,20 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from alpaca_jax import sharding
+from alpaca_jax import distributed, sharding
+from alpaca_jax.checkpoint import Checkpointer, abstract_like, truncate_metrics
 from alpaca_jax.config import Config, save_config
 from alpaca_jax.data import (BatchIterator, get_tokenizer, load_instruction_dataset, special_ids,
                              tokenize_dataset)
+from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
 from alpaca_jax.model import Llama, logical_axes
 from alpaca_jax.train.metrics import MetricsWriter
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
-from alpaca_jax.train.state import create_train_state, state_shardings
+from alpaca_jax.train.state import TrainState, create_train_state, state_shardings
 from alpaca_jax.train.step import train_step
 
 log = logging.getLogger("alpaca_jax")
@@ -51,6 +55,11 @@ def _corpus_texts(ds):
 def build_batches(cfg: Config, run_dir: Path):
     """Load, tokenize and set up the batch stream; returns (iterator, tokenizer, stats)."""
     ds = load_instruction_dataset(cfg.data.train_files, cfg.data.format)
+    if jax.process_count() > 1 and cfg.tokenizer.path is None:
+        # One process trains and saves the run's BPE; the others load that very file.
+        if jax.process_index() == 0:
+            get_tokenizer(cfg.tokenizer, cfg.model.vocab_size, run_dir, _corpus_texts(ds))
+        multihost_utils.sync_global_devices("alpaca_jax:tokenizer")
     tokenizer = get_tokenizer(cfg.tokenizer, cfg.model.vocab_size, run_dir, _corpus_texts(ds))
     kept, stats = tokenize_dataset(ds, tokenizer, cfg.data.max_len, cfg.tokenizer.add_bos)
     if stats.kept == 0:
@@ -74,10 +83,44 @@ def _to_global(batch: dict[str, np.ndarray], accum: int, global_batch: int, batc
     return out
 
 
+def _with_pretrained_tokenizer(cfg: Config) -> Config:
+    """`model.init_from` weights come with their tokenizer: use it unless one is configured."""
+    if cfg.model.init_from is None or cfg.tokenizer.path is not None:
+        return cfg
+    tokenizer_dir = pretrained_tokenizer_dir(cfg.model.init_from)
+    if tokenizer_dir is None:
+        return cfg
+    return dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(tokenizer_dir)))
+
+
+def _initial_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState:
+    """Step 0: random init, or `model.init_from` weights with a fresh optimizer state."""
+    if cfg.model.init_from is None:
+        return create_train_state(cfg.model, optimizer, jax.random.key(cfg.train.seed), shardings)
+    params = load_pretrained(cfg.model.init_from, cfg.model, shardings.params)
+    log.info("initialised the model from %s", cfg.model.init_from)
+    start = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p))
+    return jax.jit(start, out_shardings=shardings, donate_argnums=0)(params)
+
+
+def _abstract_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState:
+    """The state's shapes and placements, for restoring a checkpoint onto this mesh."""
+    shapes = jax.eval_shape(lambda: create_train_state(cfg.model, optimizer, jax.random.key(0), shardings))
+    return abstract_like(shapes, shardings)
+
+
 def train(cfg: Config, devices=None) -> TrainResult:
+    distributed.initialize(cfg.distributed)
+    cfg = _with_pretrained_tokenizer(cfg)
     run_dir = cfg.run.path
     is_main = jax.process_index() == 0
     run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpointer(run_dir, cfg.checkpoint)
+    resume_step = checkpoints.latest_step()
+    if resume_step is not None and not cfg.train.resume:
+        checkpoints.close()
+        raise TrainingError(f"{run_dir} already has a checkpoint (step {resume_step}) and "
+                            f"train.resume=false; choose another run.dir or allow resuming")
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
 
@@ -95,30 +138,43 @@ def train(cfg: Config, devices=None) -> TrainResult:
     schedule = learning_rate_schedule(cfg.optimizer, total_steps)
     optimizer = make_optimizer(cfg.optimizer, schedule, logical_axes(cfg.model))
     shardings = state_shardings(cfg.model, optimizer, mesh, rules)
-    state = create_train_state(cfg.model, optimizer, jax.random.key(cfg.train.seed), shardings)
+    resumed: dict = {}
+    if resume_step is None:
+        state = _initial_state(cfg, optimizer, shardings)
+    else:
+        state, resumed = checkpoints.restore(resume_step, _abstract_state(cfg, optimizer, shardings))
+        iterator.restore(resumed["data"])
+        if is_main:
+            truncate_metrics(run_dir, resume_step)  # the steps after it are about to be redone
+        log.info("resumed from checkpoint %s (step %d of %d)", checkpoints.directory / str(resume_step),
+                 resume_step, total_steps)
     batch_sh = sharding.batch_sharding(mesh, rules, leading=1)
     step_fn = jax.jit(
         functools.partial(train_step, model=Llama(cfg.model), optimizer=optimizer, schedule=schedule),
         in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0)
 
-    writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=is_main)
+    writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=is_main, append=resume_step is not None)
     summary = {"tokenize": dataclasses.asdict(stats), "packing_efficiency": iterator.packing_efficiency(),
                "total_steps": total_steps, "devices": len(mesh.devices.flat)}
-    first_loss = last_loss = math.nan
+    first_loss = last_loss = resumed.get("first_loss", math.nan)
     window: list[dict] = []
-    tokens_seen = loss_tokens_seen = 0
+    tokens_seen, loss_tokens_seen = resumed.get("tokens_seen", 0), resumed.get("loss_tokens_seen", 0)
+    start_step = resume_step or 0
     window_start = time.perf_counter()
     from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (cfg.train.progress_bar and is_main))
     try:
-        for step in range(1, total_steps + 1):
+        for step in range(start_step + 1, total_steps + 1):
             batch = _to_global(next(iterator), cfg.train.grad_accum, cfg.train.batch_size, batch_sh)
             state, metrics = step_fn(state, batch)
             window.append(metrics)
             bar.update(1)
-            if step == 1 or step % cfg.train.log_every == 0 or step == total_steps:
+            # A checkpoint step is always a log step: the log window never spans a checkpoint,
+            # so a resumed run logs exactly the records the uninterrupted one would.
+            save_now = checkpoints.should_save(step, total_steps)
+            if step == 1 or step % cfg.train.log_every == 0 or step == total_steps or save_now:
                 fetched = jax.device_get(window)
                 elapsed = time.perf_counter() - window_start
                 window_tokens = int(sum(m["tokens"] for m in fetched))
@@ -144,9 +200,14 @@ def train(cfg: Config, devices=None) -> TrainResult:
                 if not math.isfinite(loss):
                     raise TrainingError(f"loss is {loss} at step {step}; stopping (try a lower "
                                         f"optimizer.learning_rate, or check the data)")
+            if save_now:
+                checkpoints.save(step, state, {"data": iterator.state(), "tokens_seen": tokens_seen,
+                                               "loss_tokens_seen": loss_tokens_seen,
+                                               "first_loss": first_loss}, loss=last_loss)
     finally:
         bar.close()
         writer.close()
+        checkpoints.close()  # an async save in flight commits before we return
     summary.update({"steps": total_steps, "first_loss": first_loss, "last_loss": last_loss})
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

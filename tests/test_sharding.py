@@ -1,0 +1,159 @@
+"""Sharded training: meshes over 8 fake CPU devices, two processes, mesh errors, the planner."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from alpaca_jax import sharding
+from alpaca_jax.config import MeshConfig, load_config
+from alpaca_jax.configlib import ConfigError
+from alpaca_jax.model import logical_axes, param_shapes
+from alpaca_jax.plan import parse_bytes, plan_memory
+from conftest import REPO
+
+WORKER = REPO / "tests" / "mesh_worker.py"
+
+
+def _env(devices: int, **extra) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("meshes")
+    out = root / "out.json"
+    result = subprocess.run([sys.executable, str(WORKER), "meshes", str(out), str(root)],
+                            env=_env(8), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_meshes_give_the_one_device_losses(mesh_runs):
+    reference = mesh_runs["1"]
+    assert len(reference["losses"]) == 3
+    for name in ("8x1x1", "1x8x1", "2x2x2", "1x4x2"):
+        np.testing.assert_allclose(mesh_runs[name]["losses"], reference["losses"], rtol=2e-6, err_msg=name)
+        np.testing.assert_allclose(mesh_runs[name]["grad_norms"], reference["grad_norms"], rtol=1e-5, err_msg=name)
+
+
+def test_parameters_are_sharded_as_the_rules_say(mesh_runs):
+    for name in ("1x8x1", "2x2x2", "1x4x2"):
+        for path, info in mesh_runs[name]["params"].items():
+            assert info["actual"][:len(info["expected"])] == info["expected"], (name, path)
+    embedding = {n: mesh_runs[n]["params"]["['embedding']"] for n in ("1x8x1", "1x4x2")}
+    assert embedding["1x8x1"]["shard_shape"] == [2048, 128 // 8]       # embed over fsdp=8
+    assert embedding["1x4x2"]["shard_shape"] == [2048 // 2, 128 // 4]  # vocab over tensor, embed over fsdp
+    wq = mesh_runs["2x2x2"]["params"]["['layers']['attention']['wq']"]
+    assert wq["shard_shape"] == [wq["global_shape"][0], 128 // 2, 4 // 2, 32]  # embed/fsdp, heads/tensor
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    single = subprocess.run([sys.executable, str(WORKER), "process", str(tmp_path / "single.json"),
+                             str(tmp_path / "single")], env=_env(1), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, str(WORKER), "process", str(tmp_path / f"p{i}.json"), str(tmp_path / "multi")],
+        env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    reports = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    assert [r["process"] for r in reports] == [0, 1] and all(r["devices"] == 4 for r in reports)
+    from alpaca_jax.train import read_metrics
+    one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "multi")
+    np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=2e-6)
+    assert not (tmp_path / "multi" / "metrics.jsonl.1").exists()  # only process 0 writes logs
+
+
+def test_mesh_that_does_not_divide_the_devices_names_both():
+    with pytest.raises(ConfigError, match=r"data\*fsdp\*tensor = 3 .* but there are 8 devices"):
+        sharding.mesh_shape(MeshConfig(data=3, fsdp=1, tensor=1), 8)
+    with pytest.raises(ConfigError, match=r"does not divide the 8 devices"):
+        sharding.mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
+    assert sharding.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
+
+
+def test_mesh_that_does_not_divide_a_dimension_names_both():
+    cfg = load_config(None, ["model.num_heads=4", "model.num_kv_heads=2"])
+    with pytest.raises(ConfigError, match=r"dimension 2 of 'layers/attention/wk' \(size 2\) is not divisible "
+                                          r"by mesh axes \('tensor',\) \(size 4\)"):
+        sharding.mesh_specs(logical_axes(cfg.model), param_shapes(cfg.model),
+                            {"data": 1, "fsdp": 1, "tensor": 4}, cfg.mesh.rules)
+
+
+def test_unmapped_logical_axis_is_an_error():
+    rules = dict(MeshConfig().rules)
+    del rules["mlp"]
+    with pytest.raises(ConfigError, match="no rule for logical axis 'mlp'"):
+        sharding.logical_to_mesh(jax.sharding.PartitionSpec("embed", "mlp"), rules)
+
+
+def test_planner_bytes_equal_the_real_arrays():
+    from alpaca_jax.train import create_train_state, learning_rate_schedule, make_optimizer, state_shardings
+    cfg = load_config(None)
+    plan = plan_memory(cfg, 1)
+    optimizer = make_optimizer(cfg.optimizer, learning_rate_schedule(cfg.optimizer, 10), logical_axes(cfg.model))
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    state = create_train_state(cfg.model, optimizer, jax.random.key(0),
+                               state_shardings(cfg.model, optimizer, mesh, cfg.mesh.rules))
+    assert plan.params == sum(x.nbytes for x in jax.tree.leaves(state.params))
+    assert plan.optimizer == sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+    assert plan.grads == plan.params and plan.activations > 0
+
+
+def test_planner_divides_by_the_mesh(mesh_runs):
+    cfg = load_config(None, ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "model.num_layers=2"])
+    plan = plan_memory(cfg, 8)
+    real = 0
+    for info in mesh_runs["1x4x2"]["params"].values():
+        real += int(np.prod(info["shard_shape"])) * 4
+    assert plan.params == real
+    full = plan_memory(load_config(None, ["model.num_layers=2"]), 1)
+    assert plan.optimizer < full.optimizer / 4
+
+
+def test_planner_cli_verdict():
+    result = subprocess.run([sys.executable, "-m", "alpaca_jax.cli", "plan", str(REPO / "configs" / "alpaca_7b.yaml"),
+                             "mesh.fsdp=8", "--device-memory", "80GB"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout and "fits in" in result.stdout
+    tight = subprocess.run([sys.executable, "-m", "alpaca_jax.cli", "plan", str(REPO / "configs" / "alpaca_7b.yaml"),
+                            "mesh.fsdp=8", "--device-memory", "8GB"], capture_output=True, text=True, timeout=300)
+    assert "does NOT fit" in tight.stdout
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("40GiB") == 40 * 2**30
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots", "minimal"])
+def test_remat_policies_leave_loss_and_grads_unchanged(policy):
+    import jax.numpy as jnp
+    from alpaca_jax.data.packing import pack_rows
+    from alpaca_jax.model import Llama, init_params
+    from alpaca_jax.train.step import loss_and_grads
+    from helpers import random_examples, tiny_model
+    base, remat = tiny_model(), tiny_model(remat=policy)
+    params = init_params(base, jax.random.key(0))
+    batch = {k: jnp.asarray(v)[None] for k, v in pack_rows(
+        [[0, 1]], *random_examples(np.random.default_rng(0), [9, 7], base.vocab_size), 16, 0).items()}
+    loss_a, grads_a = loss_and_grads(params, Llama(base), batch)
+    loss_b, grads_b = loss_and_grads(params, Llama(remat), batch)
+    np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
