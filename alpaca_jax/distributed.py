@@ -22,6 +22,8 @@ def initialize(dist_cfg) -> bool:
     address = dist_cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address is None and not dist_cfg.auto:
         return False
+    if jax.distributed.is_initialized():  # a second run in the same process (notebooks, tests)
+        return True
     if dist_cfg.cpu_collectives != "none":
         # CPU devices need an explicit collectives backend to talk across processes.
         jax.config.update("jax_cpu_collectives_implementation", dist_cfg.cpu_collectives)
