@@ -10,6 +10,7 @@ import pytest
 from alpaca_jax.config import RopeScalingConfig
 from alpaca_jax.data.packing import pack_rows
 from alpaca_jax.model import Llama, count_params, init_params, logical_axes, model_preset, preset_names
+from alpaca_jax.model.attention import chunked_causal_attention, segment_causal_mask
 from alpaca_jax.model.rope import rope_inverse_frequencies
 from alpaca_jax.train.step import loss_and_grads
 from helpers import random_examples, tiny_model
@@ -138,3 +139,44 @@ def test_llama3_rope_scaling_matches_transformers():
     np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)
     plain = rope_inverse_frequencies(128, 500000.0)
     assert not np.allclose(ours, plain)  # the scaling really changed the low frequencies
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 64])  # ragged last block, exact blocks, a single block
+def test_chunked_attention_matches_dot_product_attention(chunk):
+    """Causal query blocks give jax.nn.dot_product_attention's values and gradients (GQA, packed
+    segments, padding), so `model.attention=chunked` is the same function."""
+    b, t, n, k, h = 2, 24, 4, 2, 8
+    keys = jax.random.split(jax.random.key(0), 4)
+    query = jax.random.normal(keys[0], (b, t, n, h))
+    key = jax.random.normal(keys[1], (b, t, k, h))
+    value = jax.random.normal(keys[2], (b, t, k, h))
+    cotangent = jax.random.normal(keys[3], (b, t, n, h))
+    segments = jnp.asarray([[1] * 5 + [2] * 11 + [3] * 4 + [0] * 4, [1] * 24], jnp.int32)
+
+    def reference(q, k_, v):
+        return jnp.sum(jax.nn.dot_product_attention(q, k_, v, mask=segment_causal_mask(segments)) * cotangent)
+
+    def chunked(q, k_, v):
+        return jnp.sum(chunked_causal_attention(q, k_, v, segments, chunk=chunk) * cotangent)
+
+    out_ref = jax.nn.dot_product_attention(query, key, value, mask=segment_causal_mask(segments))
+    out = chunked_causal_attention(query, key, value, segments, chunk=chunk)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), rtol=1e-5, atol=1e-6)
+    grads_ref = jax.grad(reference, argnums=(0, 1, 2))(query, key, value)
+    grads = jax.grad(chunked, argnums=(0, 1, 2))(query, key, value)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_attention_model_equals_xla_model(monkeypatch):
+    """End to end: same params, same packed batch -> same loss and gradients either way."""
+    monkeypatch.setattr("alpaca_jax.model.attention.QUERY_CHUNK", 8)  # several blocks at T=24
+    xla, chunked = tiny_model(), tiny_model(attention="chunked")
+    params = init_params(xla, jax.random.key(5))
+    ids, masks = random_examples(np.random.default_rng(3), [9, 4, 12, 6, 8], xla.vocab_size)
+    batch = {k: jnp.asarray(v)[None] for k, v in pack_rows([[0, 1, 2], [3, 4]], ids, masks, 24, 0).items()}
+    loss_x, grads_x = loss_and_grads(params, Llama(xla), batch)
+    loss_c, grads_c = loss_and_grads(params, Llama(chunked), batch)
+    np.testing.assert_allclose(float(loss_c), float(loss_x), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads_x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from alpaca_jax.config import ModelConfig
-from alpaca_jax.model.attention import Attention, segment_causal_mask
+from alpaca_jax.model.attention import Attention
 from alpaca_jax.model.layers import DTYPES, RMSNorm, param
 from alpaca_jax.model.mlp import SwiGLU
 from alpaca_jax.model.rope import rope_cos_sin, rope_inverse_frequencies
@@ -33,12 +33,12 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin):
+    def __call__(self, x, segment_ids, cos, sin):
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         attn_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="attention_norm")(x)
         x = x + Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.init_std,
-                          dtype, param_dtype, name="attention")(attn_in, mask, cos, sin)
+                          dtype, param_dtype, cfg.attention, name="attention")(attn_in, segment_ids, cos, sin)
         mlp_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="mlp_norm")(x)
         x = x + SwiGLU(cfg.intermediate_size, cfg.init_std, dtype, param_dtype, name="mlp")(mlp_in)
         return x, None
@@ -64,7 +64,6 @@ class Llama(nn.Module):
                           ("vocab", "embed"), param_dtype)
         x = jnp.take(embedding, input_ids, axis=0).astype(dtype)  # [B, T, D]
 
-        mask = segment_causal_mask(segment_ids)
         inv_freq = rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = rope_cos_sin(positions, inv_freq)
 
@@ -74,10 +73,10 @@ class Llama(nn.Module):
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                             length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(cfg, name="layers")(x, mask, cos, sin)
+            x, _ = stack(cfg, name="layers")(x, segment_ids, cos, sin)
         else:
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x, mask, cos, sin)
+                x, _ = block(cfg, name=f"layers_{i}")(x, segment_ids, cos, sin)
 
         x = RMSNorm(cfg.rms_norm_eps, param_dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
