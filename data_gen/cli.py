@@ -1,0 +1,102 @@
+"""`alpaca-jax generate` and `alpaca-jax dedup` (also `python -m data_gen`): parse, dispatch.
+
+Config and usage errors print one line `error: ...` to stderr and return 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from alpaca_jax.configlib import ConfigError
+
+__all__ = ["main"]
+
+GENERATE_HELP = """\
+Generate instruction-following data with a teacher LLM and write Alpaca-format JSON.
+
+CONFIG is a YAML file (see alpaca_jax/configs/generate/alpaca.yaml and self_instruct.yaml);
+any key can be overridden as section.field=value, e.g.
+  teacher.base_url=http://localhost:8000/v1 teacher.model=meta-llama/Llama-3.1-8B-Instruct
+  pipeline.num_instructions=500 output.dir=runs/gen budget.max_tokens=2000000
+The API key is read from the environment variable named by teacher.api_key_env
+(default OPENAI_API_KEY; any dummy value for a local server).
+
+The output directory gets journal.jsonl (every completed response, fsync'ed), data.json and
+report.json. Rerun the same command after a crash or kill to resume: completed requests are
+replayed from the journal, never sent again."""
+
+DEDUP_HELP = """\
+Drop near-duplicate instructions: an instruction is dropped when its ROUGE-L F-measure
+against any earlier *kept* instruction exceeds the threshold (the first of near-duplicates
+is kept, in file order). Decisions are identical to rouge_score's RougeScorer(['rougeL'])
+(same tokenizer, same LCS, same float arithmetic), computed with prefix filtering and a
+bit-parallel LCS. IN is JSONL (one object per line, or one string) or a JSON array;
+the output has the same format with the dropped records removed."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alpaca-jax", description="Self-Instruct / Alpaca data generation.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    gen = sub.add_parser("generate", help="generate instruction data with a teacher LLM",
+                         description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen.add_argument("config", help="YAML config file")
+    gen.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    dedup = sub.add_parser("dedup", help="drop near-duplicate instructions by ROUGE-L",
+                           description=DEDUP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dedup.add_argument("input", metavar="IN", help="input .jsonl or .json")
+    dedup.add_argument("-o", "--output", required=True, metavar="OUT", help="output file")
+    dedup.add_argument("--threshold", type=float, default=0.7,
+                       help="drop when ROUGE-L F > this (default 0.7)")
+    dedup.add_argument("--tokenizer", choices=("rouge", "unicode"), default="rouge",
+                       help="rouge: rouge-score's ASCII tokenizer (default); unicode: letters of "
+                            "any script, one token per CJK character")
+    dedup.add_argument("--field", default="instruction", help="record field to compare (default: instruction)")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from data_gen.config import load_config
+    from data_gen.generate import generate
+    from data_gen.teacher import TeacherFatalError
+
+    config = load_config(args.config, args.overrides)
+    try:
+        report = generate(config)
+    except TeacherFatalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: report[k] for k in ("stop_reason", "kept", "candidates", "dropped", "tokens")}),
+          file=sys.stderr)
+    print(f"wrote {config.output.dir}/data.json ({report['kept']} examples) and report.json",
+          file=sys.stderr)
+    return 0
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from data_gen.dedup import dedup_file
+
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if not Path(args.input).is_file():
+        raise ConfigError(f"input file not found: {args.input}")
+    try:
+        result = dedup_file(Path(args.input), Path(args.output), args.threshold, args.tokenizer, args.field)
+    except ValueError as e:  # JSON errors and records without the field
+        raise ConfigError(" ".join(str(e).split())) from None
+    total = len(result.kept) + len(result.dropped)
+    print(f"kept {len(result.kept)} of {total} ({len(result.dropped)} near-duplicates dropped) -> {args.output}",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _generate(args) if args.command == "generate" else _dedup(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

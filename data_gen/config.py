@@ -1,0 +1,159 @@
+"""The generator's configuration: one frozen dataclass per concern, built from YAML.
+
+`load_config(path, overrides)` reads a YAML file, applies `section.field=value` overrides and
+validates everything through `alpaca_jax.configlib` (the generic config library; no model code).
+The example files live in `alpaca_jax/configs/generate/`; every key is documented there.
+
+Not here: what the values do (teacher.py, filters.py, the pipelines).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from alpaca_jax.configlib import ConfigError, apply_overrides, build, load_yaml
+
+__all__ = ["TeacherConfig", "PipelineConfig", "FilterConfig", "DedupConfig", "ModelPrice",
+           "BudgetConfig", "OutputConfig", "GenerateConfig", "load_config", "DEFAULT_SEED_TASKS"]
+
+DEFAULT_SEED_TASKS = Path(__file__).resolve().parent / "seed_tasks.jsonl"
+
+# Words that mark a task a text-only model cannot do (Self-Instruct's list plus Alpaca's
+# additions); matched as whole words, case-insensitively.
+BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map",
+             "maps", "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = "gpt-3.5-turbo-instruct"
+    api: Literal["chat", "completions"] = "completions"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 3072
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    timeout_s: float = 120.0
+    max_concurrency: int = 8
+    max_retries: int = 8
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+    def __post_init__(self):
+        _require(self.max_concurrency >= 1, "teacher.max_concurrency must be >= 1")
+        _require(self.max_retries >= 0, "teacher.max_retries must be >= 0")
+        _require(self.timeout_s > 0, "teacher.timeout_s must be > 0")
+        _require(0 < self.backoff_initial_s <= self.backoff_max_s,
+                 "teacher.backoff_initial_s must be > 0 and <= teacher.backoff_max_s")
+        _require(self.max_tokens >= 1, "teacher.max_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: Literal["alpaca", "self-instruct"] = "alpaca"
+    seed_tasks: str | None = None
+    num_instructions: int = 100
+    num_prompt_instructions: int = 3
+    num_machine_instructions: int = 2
+    requests_per_round: int = 5
+    tasks_per_request: int = 20
+    max_rounds: int = 1000
+    max_instances_per_task: int = 5
+    classification_only_seeds: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.num_instructions >= 1, "pipeline.num_instructions must be >= 1")
+        _require(self.num_prompt_instructions >= 1, "pipeline.num_prompt_instructions must be >= 1")
+        _require(0 <= self.num_machine_instructions <= self.num_prompt_instructions,
+                 "pipeline.num_machine_instructions must be in [0, num_prompt_instructions]")
+        _require(self.requests_per_round >= 1, "pipeline.requests_per_round must be >= 1")
+        _require(self.tasks_per_request > self.num_prompt_instructions,
+                 "pipeline.tasks_per_request must exceed pipeline.num_prompt_instructions")
+        _require(self.max_rounds >= 1, "pipeline.max_rounds must be >= 1")
+        _require(self.max_instances_per_task >= 1, "pipeline.max_instances_per_task must be >= 1")
+
+    @property
+    def seed_path(self) -> Path:
+        return Path(self.seed_tasks) if self.seed_tasks else DEFAULT_SEED_TASKS
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    min_words: int = 4
+    max_words: int = 150
+    blacklist: tuple[str, ...] = BLACKLIST
+    banned_prefixes: tuple[str, ...] = ("Write a program",)
+    drop_punctuation_start: bool = True
+    drop_non_ascii_start: bool = True
+    drop_truncated: bool = True
+    drop_empty_output: bool = True
+    drop_input_equals_output: bool = True
+
+    def __post_init__(self):
+        _require(0 <= self.min_words <= self.max_words, "filters.min_words must be in [0, max_words]")
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    enabled: bool = True
+    threshold: float = 0.7
+    tokenizer: Literal["rouge", "unicode"] = "rouge"
+    similarity_histogram: bool = True
+
+    def __post_init__(self):
+        _require(0.0 <= self.threshold <= 1.0, "dedup.threshold must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    prompt_per_million: float = 0.0
+    completion_per_million: float = 0.0
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+    prices: dict[str, ModelPrice] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _require(self.max_tokens is None or self.max_tokens > 0, "budget.max_tokens must be > 0 or null")
+        _require(self.max_cost_usd is None or self.max_cost_usd > 0,
+                 "budget.max_cost_usd must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/generate"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self):
+        if self.budget.max_cost_usd is not None:
+            _require(self.teacher.model in self.budget.prices,
+                     f"budget.max_cost_usd needs budget.prices.{self.teacher.model}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> GenerateConfig:
+    """YAML file (optional) + overrides -> validated GenerateConfig; errors are ConfigError."""
+    data = load_yaml(path) if path is not None else {}
+    return build(GenerateConfig, apply_overrides(data, list(overrides)))

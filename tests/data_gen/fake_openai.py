@@ -1,0 +1,209 @@
+"""A scripted OpenAI-compatible HTTP server for tests: real sockets, deterministic replies.
+
+Replies are a pure function of the prompt (so results do not depend on concurrency, order or
+restarts): Alpaca batches, Self-Instruct continuations, classification answers and instances,
+recognised from the prompt text. Faults are injected by a hash of (request id, attempt):
+429 with Retry-After, 500, a stall longer than the client timeout, a dropped connection, and
+content-deterministic garbage (a 200 whose body is not JSON). Every call is logged with the
+request id header the generator sends, so tests can check what was sent twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+_WORDS = ("analyze summarize compare explain describe classify translate rewrite generate suggest "
+          "evaluate list identify convert recommend outline predict estimate design compose "
+          "river mountain economy poem recipe budget vacation article sentence email melody "
+          "planet history garden bicycle startup contract symptom vaccine algorithm protein "
+          "festival museum novel climate harbor election volcano galaxy orchestra ferry "
+          "quickly politely formally briefly carefully creative modern ancient urban rural "
+          "french spanish healthy risky cheap expensive local global digital seasonal").split()
+_FAULT_KINDS = ("rate_limit", "server_error", "timeout", "disconnect")
+
+
+def _hash(*parts) -> int:
+    return int(hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:12], 16)
+
+
+def _sentence(rng: random.Random, low: int = 6, high: int = 12) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(low, high))).capitalize()
+
+
+def _instruction(rng: random.Random, demos: list[str]) -> str:
+    roll = rng.random()
+    if roll < 0.08 and demos:
+        return rng.choice(demos) + " please"           # near-duplicate of a prompt instruction
+    if roll < 0.12:
+        return "Draw a picture of the " + _sentence(rng, 3, 5).lower()   # blacklisted
+    if roll < 0.15:
+        return "Do it"                                   # too short
+    if roll < 0.17:
+        return "Write a program that " + _sentence(rng, 4, 6).lower()
+    return _sentence(rng) + "."
+
+
+def alpaca_reply(prompt: str) -> tuple[str, str]:
+    total = int(re.search(r"List of (\d+) tasks", prompt).group(1))
+    first = int(re.findall(r"(\d+)\. Instruction:", prompt)[-1])
+    demos = re.findall(r"\d+\. Instruction: (.*)", prompt)
+    h = _hash(prompt)
+    rng = random.Random(h)
+    parts = []
+    for k in range(first, total + 1):
+        task_input = "<noinput>" if rng.random() < 0.4 else _sentence(rng, 5, 15) + "."
+        output = _sentence(rng, 5, 20) + "."
+        text = f"{k}. Instruction: {_instruction(rng, demos)}\n{k}. Input:\n{task_input}\n{k}. Output:\n{output}"
+        if rng.random() < 0.03:
+            text = f"{k}. Instruction: broken piece without fields"
+        parts.append(text)
+    body = "\n###\n".join(parts)
+    body = body[len(f"{first}. Instruction:"):]          # a completion continues the prompt
+    if h % 5 == 0:                                       # cut by max_tokens
+        return body[: int(len(body) * 0.9)], "length"
+    return body, "stop"
+
+
+def bootstrap_reply(prompt: str) -> tuple[str, str]:
+    numbers = re.findall(r"^(\d+)\.", prompt, flags=re.MULTILINE)
+    start = int(numbers[-1]) if numbers else 1
+    demos = [m for m in re.findall(r"^\d+\. (.+)$", prompt, flags=re.MULTILINE)]
+    rng = random.Random(_hash(prompt))
+    items = [_instruction(rng, demos) for _ in range(start, 16)]
+    return " " + "\n".join(f"{k}. {text}" if i else text
+                           for i, (k, text) in enumerate(zip(range(start, 16), items))), "stop"
+
+
+def classification_reply(prompt: str) -> tuple[str, str]:
+    task = prompt.rsplit("Task:", 1)[1]
+    if _hash(task) % 7 == 0:
+        return " Maybe", "stop"
+    return (" Yes" if _hash(task) % 3 == 0 else " No"), "stop"
+
+
+def instances_reply(prompt: str, classification: bool) -> tuple[str, str]:
+    task = prompt.rsplit("Task:", 1)[1]
+    rng = random.Random(_hash(task))
+    if classification:
+        labels = ["Positive", "Negative", "Neutral"][: rng.randint(2, 3)]
+        return "".join(f"Class label: {label}\nInput: {_sentence(rng)}.\n" for label in labels), "stop"
+    count = rng.randint(1, 4)
+    text = "".join(f"Example {i}\nInput: {_sentence(rng)}.\nOutput: {_sentence(rng)}.\n" for i in range(1, count + 1))
+    if rng.random() < 0.1:
+        text += "Example 9\nInput: an unfinished list:\nOutput: the items are:"
+    return text, "stop"
+
+
+def scripted_reply(prompt: str) -> tuple[str, str]:
+    if "List of" in prompt and "Instruction:" in prompt:
+        return alpaca_reply(prompt)
+    if prompt.rstrip().endswith("Is it classification?"):
+        return classification_reply(prompt)
+    if prompt.startswith("Given the classification task definition"):
+        return instances_reply(prompt, True)
+    if prompt.startswith("Come up with examples"):
+        return instances_reply(prompt, False)
+    if prompt.startswith("Come up with a series of"):
+        return bootstrap_reply(prompt)
+    return "I do not understand.", "stop"
+
+
+class FakeOpenAI:
+    """Start with `start()`; `url` is the base_url for the openai client."""
+
+    def __init__(self, fault_rate: float = 0.0, garbage_rate: float = 0.0, stall_s: float = 1.0,
+                 latency_s: float = 0.0, kinds: tuple[str, ...] = _FAULT_KINDS):
+        self.fault_rate = fault_rate
+        self.garbage_rate = garbage_rate
+        self.stall_s = stall_s
+        self.latency_s = latency_s
+        self.kinds = kinds
+        self.log: list[dict] = []
+        self._attempts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_port}/v1"
+
+    def start(self) -> "FakeOpenAI":
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def completed_ids(self) -> list[str]:
+        with self._lock:
+            return [e["rid"] for e in self.log if e["outcome"] == "ok"]
+
+    def _fault(self, rid: str, attempt: int) -> str | None:
+        if _hash("garbage", rid) % 1000 < self.garbage_rate * 1000:
+            return "garbage"
+        if attempt < 2 and _hash("fault", rid, attempt) % 1000 < self.fault_rate * 1000:
+            return self.kinds[_hash("kind", rid, attempt) % len(self.kinds)]
+        return None
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict | None = None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                chat = self.path.endswith("/chat/completions")
+                prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+                rid = self.headers.get("X-Alpaca-Jax-Request") or str(_hash(prompt))
+                with fake._lock:
+                    attempt = fake._attempts.get(rid, 0)
+                    fake._attempts[rid] = attempt + 1
+                fault = fake._fault(rid, attempt)
+                entry = {"rid": rid, "attempt": attempt, "outcome": fault or "ok", "time": time.time()}
+                if fake.latency_s:
+                    time.sleep(fake.latency_s)
+                if fault == "rate_limit":
+                    self._send(429, b'{"error": {"message": "slow down", "type": "rate_limit"}}',
+                               {"Retry-After": "0.05"})
+                elif fault == "server_error":
+                    self._send(500, b'{"error": {"message": "boom", "type": "server_error"}}')
+                elif fault == "timeout":
+                    time.sleep(fake.stall_s)
+                    self.close_connection = True
+                elif fault == "disconnect":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                elif fault == "garbage":
+                    self._send(200, b"<html>502 Bad Gateway</html>")
+                else:
+                    text, finish = scripted_reply(prompt)
+                    usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4,
+                             "total_tokens": len(prompt) // 4 + len(text) // 4}
+                    choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                               "finish_reason": finish} if chat else
+                              {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+                    reply = {"id": f"cmpl-{rid}", "object": "chat.completion" if chat else "text_completion",
+                             "created": 0, "model": body["model"], "choices": [choice], "usage": usage}
+                    self._send(200, json.dumps(reply).encode())
+                with fake._lock:
+                    fake.log.append(entry)
+
+        return Handler

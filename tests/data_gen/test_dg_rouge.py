@@ -1,0 +1,117 @@
+"""Our ROUGE-L and dedup take exactly rouge-score's decisions (tokens, LCS, F, threshold)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from rouge_score import rouge_scorer, tokenize
+
+from data_gen.dedup import RougeDeduplicator, deduplicate
+from data_gen.rouge import (lcs_length, min_duplicate_lcs, rouge_l_fmeasure, rouge_tokenize,
+                            unicode_tokenize)
+from data_gen.synthetic import instruction_stream
+
+EDGE_CASES = ["", "   ", "!!!", "Hello, World!", "héllo wörld", "İstanbul", "\u212a elvin", "ｆｕｌｌ width",
+              "中文 text 混合", "don't stop-believing", "A\u00a0B", "x" * 50, "ﬁne ﬂow", "emoji 😀 test",
+              "MiXeD CaSe 123abc", "tab\tnew\nline", "ß straße", "Ⅻ roman", "٣ arabic digit"]
+
+
+def _bases(shared_data):
+    bases = [json.loads(line)["instruction"] for line in (shared_data / "seed_tasks.jsonl").open()]
+    bases += [json.loads(line)["instruction"]
+              for line in (shared_data / "user_oriented_instructions.jsonl").open()]
+    bases += [r["instruction"] for r in json.loads((shared_data / "alpaca_en_demo.json").read_text())]
+    return bases
+
+
+def test_tokenizer_matches_rouge_score(shared_data):
+    texts = EDGE_CASES + instruction_stream(_bases(shared_data), 5000, seed=3, variant_share=0.9)
+    for text in texts:
+        assert rouge_tokenize(text) == tokenize.tokenize(text, None), text
+
+
+def test_lcs_and_fmeasure_match_rouge_score_pairwise(shared_data):
+    stream = instruction_stream(_bases(shared_data)[:400], 1500, seed=4, variant_share=0.9)
+    tokens = [rouge_tokenize(t) for t in stream]
+    rng = random.Random(0)
+    pairs = [(rng.randrange(len(tokens)), rng.randrange(len(tokens))) for _ in range(6000)]
+    pairs += [(i, i - 1) for i in range(401, len(tokens))]  # variants next to their neighbours
+    for i, j in pairs:
+        a, b = tokens[i], tokens[j]
+        ref = rouge_scorer._score_lcs(a, b)
+        lcs = lcs_length(a, b)
+        assert rouge_l_fmeasure(lcs, len(a), len(b)) == ref.fmeasure
+        need = min_duplicate_lcs(len(a), len(b), 0.7)
+        assert (ref.fmeasure > 0.7) == (need is not None and lcs >= need)
+
+
+def _reference_keep(texts, threshold, pool=()):
+    """stanford_alpaca's loop: rouge-score's LCS per pair against every kept instruction.
+
+    The only shortcut: a pair without a common token has LCS 0 and F = 0, which never exceeds
+    a threshold >= 0 (obvious, and independent of the pruning under test)."""
+    kept = [(tokenize.tokenize(t, None),) for t in pool]
+    kept = [(tokens, set(tokens)) for (tokens,) in kept]
+    keep = []
+    for text in texts:
+        tokens = tokenize.tokenize(text, None)
+        vocab = set(tokens)
+        duplicate = any(not vocab.isdisjoint(other_set)
+                        and rouge_scorer._score_lcs(tokens, other).fmeasure > threshold
+                        for other, other_set in kept)
+        keep.append(not duplicate)
+        if not duplicate:
+            kept.append((tokens, vocab))
+    return keep
+
+
+@pytest.mark.parametrize("threshold,count", [(0.7, 1500), (0.5, 600)])
+def test_dedup_decisions_equal_reference(shared_data, threshold, count):
+    bases = _bases(shared_data)
+    rng = random.Random(threshold)
+    rng.shuffle(bases)
+    # Many near-duplicates (including punctuation, case and non-ASCII variants), in one stream.
+    stream = instruction_stream(bases[:300], count, seed=int(threshold * 10), variant_share=0.93)
+    expected = _reference_keep(stream, threshold)
+    result = deduplicate(stream, threshold)
+    ours = [False] * len(stream)
+    for i in result.kept:
+        ours[i] = True
+    assert ours == expected
+    assert 0.2 * len(stream) < len(result.dropped) < 0.9 * len(stream)  # the test has teeth
+
+
+def test_dedup_against_a_seed_pool_equals_reference(shared_data):
+    bases = _bases(shared_data)
+    pool, stream = bases[:175], instruction_stream(bases[:175], 600, seed=9, variant_share=0.95)[175:]
+    expected = _reference_keep(stream, 0.7, pool)
+    result = deduplicate(stream, 0.7, pool=pool)
+    assert [i in set(result.kept) for i in range(len(stream))] == expected
+    assert result.dropped
+
+
+def test_max_similarity_is_exact(shared_data):
+    stream = instruction_stream(_bases(shared_data)[:60], 250, seed=5, variant_share=0.8)
+    stream += ["word " * 70 + "x", ("long " * 40 + "tail ") * 2]  # multi-word bit vectors (>64 tokens)
+    dedup = RougeDeduplicator(0.7)
+    for i, text in enumerate(stream):
+        tokens = tokenize.tokenize(text, None)
+        expected = max([rouge_scorer._score_lcs(tokens, tokenize.tokenize(p, None)).fmeasure
+                        for p in stream[:i]] or [0.0])
+        assert dedup.max_similarity(text) == expected, text
+        assert dedup.is_near_duplicate(text) == (expected > 0.7)
+        dedup.add(text)
+
+
+def test_unicode_tokenizer_splits_cjk_and_folds_case():
+    assert unicode_tokenize("识别 Straße ＡＢＣ") == ["识", "别", "strasse", "abc"]
+    assert rouge_tokenize("识别 Straße") == ["stra", "e"]
+
+
+def test_threshold_edges():
+    assert deduplicate(["a b c d", "a b c d"], threshold=1.0).dropped == []   # F > 1 never holds
+    assert deduplicate(["a b c d", "x y z a"], threshold=0.0).dropped == [1]  # any shared token
+    with pytest.raises(ValueError):
+        RougeDeduplicator(1.5)
