@@ -13,6 +13,8 @@ examples:
   alpaca-jax train                                  # the embedded default: tiny LLaMA on the bundled seed tasks
   alpaca-jax train configs/tiny.yaml train.max_steps=50 run.dir=runs/smoke
   alpaca-jax train configs/alpaca_7b.yaml tokenizer.path=/models/llama-7b data.train_files=[alpaca_data.json]
+  alpaca-jax export-hf runs/smoke hf/smoke                # a run's latest checkpoint -> HF LLaMA dir
+  alpaca-jax import-hf /models/llama-2-7b-hf imported/llama2   # HF LLaMA dir -> our params
   alpaca-jax generate configs/generate/alpaca.yaml  # Self-Instruct data through a teacher LLM
   alpaca-jax dedup in.jsonl -o out.jsonl --threshold 0.7
 """
@@ -32,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                     "train.max_steps=100 optimizer.learning_rate=1e-4 run.dir=runs/x. The run "
                     "directory receives config.yaml, metrics.jsonl, TensorBoard events, the "
                     "tokenizer and summary.json.",
-        epilog="sections: model tokenizer data optimizer train run mesh (see README.md)")
+        epilog="sections: model tokenizer data optimizer train run mesh checkpoint (see README.md)")
     train.add_argument("config", nargs="?", help="YAML config file (optional)")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides")
 
@@ -48,6 +50,32 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--devices", type=int,
                       help="number of devices to plan for (default: mesh.data*fsdp*tensor when all "
                            "are set, else the devices JAX sees here)")
+
+    export = sub.add_parser(
+        "export-hf", help="write a checkpoint as a Hugging Face LLaMA directory",
+        description="Write config.json, model.safetensors (sharded with an index above "
+                    "--max-shard-size), generation_config.json and the tokenizer files, loadable by "
+                    "transformers' AutoModelForCausalLM and AutoTokenizer. SOURCE is a run directory "
+                    "(its latest checkpoint), one checkpoint (RUN/checkpoints/STEP) or an import-hf "
+                    "output. Streams tensor by tensor: peak memory is about one copy of the weights.")
+    export.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
+    export.add_argument("out_dir", metavar="OUT_DIR")
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="dtype of the written weights (default: the run's model.param_dtype)")
+    export.add_argument("--max-shard-size", default="5GiB", help="largest safetensors file (default 5GiB)")
+
+    import_ = sub.add_parser(
+        "import-hf", help="convert a local Hugging Face LLaMA directory to our params",
+        description="Read a local HF LLaMA 1/2/3 directory (config.json and one or sharded "
+                    "safetensors files) into OUT/params (Orbax), OUT/config.yaml and "
+                    "OUT/tokenizer. Train from it with model.init_from=OUT (or give the HF "
+                    "directory itself to model.init_from).")
+    import_.add_argument("hf_dir", metavar="HF_DIR")
+    import_.add_argument("out_dir", metavar="OUT")
+    import_.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"),
+                         help="dtype to store the params in (default: the dtype in config.json)")
+    import_.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
+                         help="one parameter subtree per layer (model.scan_layers=false)")
 
     for name, text in (("generate", "generate instruction data with a teacher LLM (Self-Instruct / Alpaca)"),
                        ("dedup", "drop near-duplicate instructions by ROUGE-L (rouge-score semantics)")):
@@ -80,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             train(load_config(path, overrides))
         elif args.command == "plan":
             _plan(args)
+        elif args.command == "export-hf":
+            from alpaca_jax.hf import export_hf
+            from alpaca_jax.plan import parse_bytes
+            export_hf(args.source, args.out_dir, dtype=args.dtype,
+                      max_shard_size=parse_bytes(args.max_shard_size))
+        elif args.command == "import-hf":
+            from alpaca_jax.hf import import_hf
+            import_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
         return 0
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
@@ -105,9 +141,11 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the user's config or data: reported in one line, no traceback."""
+    from alpaca_jax.checkpoint import CheckpointError
     from alpaca_jax.data.records import DataError
+    from alpaca_jax.hf import ConversionError
     from alpaca_jax.train.loop import TrainingError
-    return (ConfigError, DataError, TrainingError)
+    return (ConfigError, DataError, TrainingError, CheckpointError, ConversionError)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The run config: one frozen dataclass per concern, loaded from YAML with dotted overrides.
 
-`load_config("configs/alpaca_7b.yaml", ["train.max_steps=10"])` returns a `Config`. The
-dataclass defaults are the embedded default run (the tiny model on the bundled seed tasks),
-so `alpaca-jax train` with no file works out of the box. `model.preset` names a file in
+`load_config("configs/alpaca_7b.yaml", ["train.max_steps=10"])` returns a `Config`. With no
+file, the embedded default `configs/tiny.yaml` (inside the package) is used, so `alpaca-jax
+train` works out of the box. Dataclass defaults fill whatever a file leaves out. `model.preset` names a file in
 `configs/model/` whose fields sit under any fields the run config sets itself.
 """
 
@@ -22,6 +22,7 @@ __all__ = ["Config", "ModelConfig", "RopeScalingConfig", "TokenizerConfig", "Dat
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODEL_PRESET_DIR = CONFIG_DIR / "model"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -229,8 +230,9 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """YAML file (or the embedded default when None) + `section.field=value` overrides."""
-    data = configlib.load_yaml(path) if path is not None else {}
+    """YAML file + `section.field=value` overrides. With no file, the embedded default run:
+    `configs/tiny.yaml`, shipped inside the package (the tiny LLaMA on the bundled seed tasks)."""
+    data = configlib.load_yaml(path if path is not None else DEFAULT_CONFIG)
     return config_from_dict(data, overrides)
 
 

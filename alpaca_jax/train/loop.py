@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from alpaca_jax import distributed, sharding
 from alpaca_jax.checkpoint import Checkpointer, abstract_like, truncate_metrics
 from alpaca_jax.config import Config, save_config
-from alpaca_jax.data import (BatchIterator, get_tokenizer, load_instruction_dataset, special_ids,
+from alpaca_jax.data import (BatchIterator, alpaca_prompt, get_tokenizer, load_instruction_dataset, special_ids,
                              tokenize_dataset)
 from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
 from alpaca_jax.model import Llama, logical_axes
@@ -48,8 +48,11 @@ class TrainResult:
 
 
 def _corpus_texts(ds):
+    """What the model will read, for training the run's BPE: prompts (template included, so
+    its fixed preamble merges into a few tokens) and responses, as they are tokenized."""
     for row in ds:
-        yield "\n".join((row["instruction"], row["input"], row["output"]))
+        yield alpaca_prompt(row["instruction"], row["input"])
+        yield row["output"]
 
 
 def build_batches(cfg: Config, run_dir: Path):
@@ -157,7 +160,7 @@ def train(cfg: Config, devices=None) -> TrainResult:
     writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=is_main, append=resume_step is not None)
     summary = {"tokenize": dataclasses.asdict(stats), "packing_efficiency": iterator.packing_efficiency(),
                "total_steps": total_steps, "devices": len(mesh.devices.flat)}
-    first_loss = last_loss = resumed.get("first_loss", math.nan)
+    first_loss, last_loss = resumed.get("first_loss", math.nan), resumed.get("last_loss", math.nan)
     window: list[dict] = []
     tokens_seen, loss_tokens_seen = resumed.get("tokens_seen", 0), resumed.get("loss_tokens_seen", 0)
     start_step = resume_step or 0
@@ -203,7 +206,8 @@ def train(cfg: Config, devices=None) -> TrainResult:
             if save_now:
                 checkpoints.save(step, state, {"data": iterator.state(), "tokens_seen": tokens_seen,
                                                "loss_tokens_seen": loss_tokens_seen,
-                                               "first_loss": first_loss}, loss=last_loss)
+                                               "first_loss": first_loss, "last_loss": last_loss},
+                                 loss=last_loss)
     finally:
         bar.close()
         writer.close()
