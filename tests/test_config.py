@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from alpaca_jax.config import CONFIG_DIR, ConfigError, load_config
-from alpaca_jax.configlib import to_dict
+from alpaca_jax.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, load_config
 from conftest import REPO
 
 SHIPPED = sorted(p for p in CONFIG_DIR.glob("*.yaml"))
@@ -20,11 +19,13 @@ def test_every_shipped_training_config_loads(path):
     assert cfg.model.vocab_size > 0
 
 
-def test_tiny_yaml_is_the_embedded_default():
-    from_file = to_dict(load_config(REPO / "configs" / "tiny.yaml"))
-    embedded = to_dict(load_config(None))
-    from_file["model"]["preset"] = embedded["model"]["preset"]
-    assert from_file == embedded
+def test_embedded_default_is_the_shipped_tiny_config():
+    """`alpaca-jax train` with no file runs configs/tiny.yaml, which ships inside the package."""
+    assert DEFAULT_CONFIG.resolve() == (REPO / "configs" / "tiny.yaml").resolve()
+    assert DEFAULT_CONFIG.resolve().is_relative_to((REPO / "alpaca_jax").resolve())
+    cfg = load_config(None)
+    assert cfg.model.preset == "tiny" and cfg.data.train_files == ("builtin:seed_tasks",)
+    assert cfg.model.hidden_size == 128 and cfg.model.vocab_size == 2048  # from the tiny preset
 
 
 def test_alpaca_7b_holds_the_stanford_recipe():
