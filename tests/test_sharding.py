@@ -54,8 +54,9 @@ def test_parameters_are_sharded_as_the_rules_say(mesh_runs):
     embedding = {n: mesh_runs[n]["params"]["['embedding']"] for n in ("1x8x1", "1x4x2")}
     assert embedding["1x8x1"]["shard_shape"] == [2048, 128 // 8]       # embed over fsdp=8
     assert embedding["1x4x2"]["shard_shape"] == [2048 // 2, 128 // 4]  # vocab over tensor, embed over fsdp
-    wq = mesh_runs["2x2x2"]["params"]["['layers']['attention']['wq']"]
-    assert wq["shard_shape"] == [wq["global_shape"][0], 128 // 2, 4 // 2, 32]  # embed/fsdp, heads/tensor
+    wq = mesh_runs["2x2x2"]["params"]["['layers_0']['attention']['wq']"]  # tiny runs unrolled layers
+    assert wq["global_shape"] == [128, 4, 32]
+    assert wq["shard_shape"] == [128 // 2, 4 // 2, 32]  # embed over fsdp, heads over tensor
 
 
 def _free_port() -> int:
@@ -92,7 +93,7 @@ def test_mesh_that_does_not_divide_the_devices_names_both():
 
 
 def test_mesh_that_does_not_divide_a_dimension_names_both():
-    cfg = load_config(None, ["model.num_heads=4", "model.num_kv_heads=2"])
+    cfg = load_config(None, ["model.num_heads=4", "model.num_kv_heads=2", "model.scan_layers=true"])
     with pytest.raises(ConfigError, match=r"dimension 2 of 'layers/attention/wk' \(size 2\) is not divisible "
                                           r"by mesh axes \('tensor',\) \(size 4\)"):
         sharding.mesh_specs(logical_axes(cfg.model), param_shapes(cfg.model),

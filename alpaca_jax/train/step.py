@@ -61,7 +61,7 @@ def train_step(state: TrainState, batch, *, model, optimizer: optax.GradientTran
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "tokens": jnp.sum(batch["segment_ids"] > 0),
         "loss_tokens": jnp.sum(batch["loss_mask"]),
