@@ -35,8 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                     "directory receives config.yaml, metrics.jsonl, TensorBoard events, the "
                     "tokenizer and summary.json.",
         epilog="sections: model tokenizer data optimizer train run mesh checkpoint (see README.md)")
-    train.add_argument("config", nargs="?", help="YAML config file (optional)")
-    train.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    _add_config_arguments(train)
 
     plan = sub.add_parser(
         "plan", help="per-device memory of a config on a mesh, before launching",
@@ -44,8 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                     "activation estimate for CONFIG's mesh, and whether it fits --device-memory. "
                     "Allocates nothing (shapes only), so any size can be planned on a laptop.",
         epilog="example: alpaca-jax plan configs/alpaca_7b.yaml mesh.fsdp=8 --device-memory 80GB --devices 8")
-    plan.add_argument("config", nargs="?", help="YAML config file (optional)")
-    plan.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    _add_config_arguments(plan)
     plan.add_argument("--device-memory", help="memory per device, e.g. 80GB or 40GiB")
     plan.add_argument("--devices", type=int,
                       help="number of devices to plan for (default: mesh.data*fsdp*tensor when all "
@@ -81,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
                        ("dedup", "drop near-duplicate instructions by ROUGE-L (rouge-score semantics)")):
         sub.add_parser(name, help=text, add_help=False)
     return parser
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config file (optional)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
 
 
 def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:

@@ -21,7 +21,6 @@ import re
 
 import jax
 import numpy as np
-import optax
 
 from alpaca_jax import sharding
 from alpaca_jax.config import Config
@@ -29,6 +28,7 @@ from alpaca_jax.configlib import ConfigError
 from alpaca_jax.model.layers import DTYPES
 from alpaca_jax.model.params import logical_axes, param_shapes
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
+from alpaca_jax.train.state import optimizer_state_layout
 
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -87,9 +87,8 @@ def plan_memory(cfg: Config, num_devices: int) -> MemoryPlan:
     params = _tree_bytes(param_specs, shapes, sizes)
     optimizer = make_optimizer(cfg.optimizer, learning_rate_schedule(cfg.optimizer, 1), specs)
     opt_shapes = jax.eval_shape(optimizer.init, shapes)
-    opt_specs = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, param_specs,
-                                      transform_non_params=lambda _: jax.sharding.PartitionSpec(),
-                                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    opt_specs = optimizer_state_layout(optimizer, opt_shapes, param_specs, jax.sharding.PartitionSpec(),
+                                       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     opt_bytes = _tree_bytes(opt_specs, opt_shapes, sizes)
     data_parallel = sizes["data"] * sizes["fsdp"]
     micro = cfg.train.batch_size // cfg.train.grad_accum

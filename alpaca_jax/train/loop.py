@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -28,7 +27,7 @@ from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
 from alpaca_jax.model import Llama, logical_axes
 from alpaca_jax.train.metrics import MetricsWriter
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
-from alpaca_jax.train.state import TrainState, create_train_state, state_shardings
+from alpaca_jax.train.state import TrainState, create_train_state, fresh_train_state, state_shardings
 from alpaca_jax.train.step import train_step
 
 log = logging.getLogger("alpaca_jax")
@@ -102,8 +101,8 @@ def _initial_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState:
         return create_train_state(cfg.model, optimizer, jax.random.key(cfg.train.seed), shardings)
     params = load_pretrained(cfg.model.init_from, cfg.model, shardings.params)
     log.info("initialised the model from %s", cfg.model.init_from)
-    start = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p))
-    return jax.jit(start, out_shardings=shardings, donate_argnums=0)(params)
+    return jax.jit(lambda p: fresh_train_state(p, optimizer), out_shardings=shardings,
+                   donate_argnums=0)(params)
 
 
 def _abstract_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState:

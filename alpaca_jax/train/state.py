@@ -20,20 +20,31 @@ class TrainState:
     opt_state: Any           # optax state
 
 
+def optimizer_state_layout(optimizer: optax.GradientTransformation, opt_shapes, param_layout, other,
+                           is_leaf=None):
+    """Give each optimizer-state leaf the layout (sharding or spec) of the param it mirrors.
+
+    Adam's moments mirror the params; counters and other non-param leaves get `other`.
+    """
+    return optax.tree_map_params(optimizer, lambda _, layout: layout, opt_shapes, param_layout,
+                                 transform_non_params=lambda _: other, is_leaf=is_leaf)
+
+
 def state_shardings(model_cfg, optimizer: optax.GradientTransformation, mesh, rules):
     """NamedShardings for every leaf of the TrainState (params and Adam moments alike)."""
     shapes = param_shapes(model_cfg)
     param_sh = sharding.tree_shardings(logical_axes(model_cfg), shapes, mesh, rules)
-    opt_shapes = jax.eval_shape(optimizer.init, shapes)
-    # Adam's moments mirror the params; counters and other scalars are replicated.
-    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, param_sh,
-                                   transform_non_params=lambda _: sharding.replicated(mesh))
+    opt_sh = optimizer_state_layout(optimizer, jax.eval_shape(optimizer.init, shapes), param_sh,
+                                    sharding.replicated(mesh))
     return TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh)
+
+
+def fresh_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0 around given params: a new optimizer state (call under jit with out_shardings)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
 def create_train_state(model_cfg, optimizer, rng, shardings: TrainState) -> TrainState:
     """Initialise params and optimizer state already sharded (never whole on one device)."""
-    def _init(key):
-        params = init_params(model_cfg, key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-    return jax.jit(_init, out_shardings=shardings)(rng)
+    init = lambda key: fresh_train_state(init_params(model_cfg, key), optimizer)
+    return jax.jit(init, out_shardings=shardings)(rng)
