@@ -94,6 +94,11 @@ def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["train"]:
+        # A real `alpaca-jax train` process (not a call from Python): restart it once with
+        # glibc tuned so XLA's per-step host buffers are reused (see host_malloc.py).
+        from alpaca_jax.host_malloc import maybe_reexec_with_host_malloc_tuning
+        maybe_reexec_with_host_malloc_tuning()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("generate", "dedup"):
         from data_gen.cli import main as data_gen_main  # data_gen parses its own arguments
