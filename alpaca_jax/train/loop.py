@@ -118,9 +118,15 @@ def train(cfg: Config, devices=None) -> TrainResult:
     is_main = jax.process_index() == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpointer(run_dir, cfg.checkpoint)
+    try:  # closed on every exit: an open manager's threads print tracebacks at interpreter exit
+        return _train(cfg, devices, run_dir, is_main, checkpoints)
+    finally:
+        checkpoints.close()  # an async save in flight commits before we return
+
+
+def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpointer) -> TrainResult:
     resume_step = checkpoints.latest_step()
     if resume_step is not None and not cfg.train.resume:
-        checkpoints.close()
         raise TrainingError(f"{run_dir} already has a checkpoint (step {resume_step}) and "
                             f"train.resume=false; choose another run.dir or allow resuming")
     if is_main:
@@ -210,7 +216,6 @@ def train(cfg: Config, devices=None) -> TrainResult:
     finally:
         bar.close()
         writer.close()
-        checkpoints.close()  # an async save in flight commits before we return
     summary.update({"steps": total_steps, "first_loss": first_loss, "last_loss": last_loss})
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
