@@ -56,6 +56,13 @@ class Checkpointer:
             preservation_policy=policy, enable_async_checkpointing=cfg.async_save,
             cleanup_tmp_directories=not read_only, create=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # The manager sweeps leftover tmp directories on a background thread and, in orbax 0.12,
+        # close() does not wait for it: a run that fails fast (bad data row) then exits while
+        # that thread still runs, and it prints a traceback at interpreter shutdown. The sweep
+        # is one directory listing, so finish it here.
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
