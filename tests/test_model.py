@@ -11,6 +11,7 @@ from alpaca_jax.config import RopeScalingConfig
 from alpaca_jax.data.packing import pack_rows
 from alpaca_jax.model import Llama, count_params, init_params, logical_axes, model_preset, preset_names
 from alpaca_jax.model.attention import chunked_causal_attention, segment_causal_mask
+from alpaca_jax.model.layers import dense
 from alpaca_jax.model.rope import rope_inverse_frequencies
 from alpaca_jax.train.step import loss_and_grads
 from helpers import random_examples, tiny_model
@@ -139,6 +140,27 @@ def test_llama3_rope_scaling_matches_transformers():
     np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)
     plain = rope_inverse_frequencies(128, 500000.0)
     assert not np.allclose(ours, plain)  # the scaling really changed the low frequencies
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, num_in", [
+    ((2, 3, 4), (4, 5), 1),          # [B, T, D] x [D, F]
+    ((2, 3, 4), (4, 2, 3), 1),       # [B, T, D] x [D, N, H]: a projection to heads
+    ((2, 3, 2, 3), (2, 3, 4), 2),    # [B, T, N, H] x [N, H, D]: the output projection
+])
+def test_dense_is_the_einsum_it_replaces(x_shape, kernel_shape, num_in):
+    """`dense` (one 2-D matmul) equals the einsum over the trailing dims, values and gradients."""
+    keys = jax.random.split(jax.random.key(1), 2)
+    x = jax.random.normal(keys[0], x_shape)
+    kernel = jax.random.normal(keys[1], kernel_shape)
+    letters = "abcdefgh"
+    lead, contracted = letters[:x.ndim - num_in], letters[x.ndim - num_in:x.ndim]
+    out = "pqr"[:kernel.ndim - num_in]
+    spec = f"{lead}{contracted},{contracted}{out}->{lead}{out}"
+    np.testing.assert_allclose(dense(x, kernel, num_in), jnp.einsum(spec, x, kernel), rtol=1e-6, atol=1e-6)
+    grads = jax.grad(lambda a, b: jnp.sum(jnp.sin(dense(a, b, num_in))), argnums=(0, 1))(x, kernel)
+    grads_ref = jax.grad(lambda a, b: jnp.sum(jnp.sin(jnp.einsum(spec, a, b))), argnums=(0, 1))(x, kernel)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk", [4, 8, 64])  # ragged last block, exact blocks, a single block

@@ -8,7 +8,8 @@ Two exact implementations of the same function (`ModelConfig.attention`):
   CPU. It is plain jnp, so it also runs (and differentiates) everywhere.
 
 Einsum legend: B batch, T length (queries), S length (keys), D embed, N query heads,
-K kv heads, G query heads per kv head (N = K * G), H head dim.
+K kv heads, G query heads per kv head (N = K * G), H head dim, R rows of a query block
+(its queries times G).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alpaca_jax.model.layers import param
+from alpaca_jax.model.layers import dense, param
 from alpaca_jax.model.rope import apply_rope
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "chunked")
@@ -49,24 +50,29 @@ def chunked_causal_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     num_kv_heads = key.shape[2]
     groups = num_heads // num_kv_heads
     scale = head_dim ** -0.5
-    # Heads before length, so each score matmul is a plain batched [T, H] x [H, S].
+    # Kv heads before length, and each block's (query, group) pairs flattened into one row
+    # axis R, so every matmul here, and each of its gradients, contracts a single dim: a plain
+    # batched [R, H] x [H, S] (XLA:CPU is slower on dots that contract two dims at once).
     query = (query * jnp.asarray(scale, query.dtype)).reshape(batch, length, num_kv_heads, groups, head_dim)
-    query = jnp.transpose(query, (0, 2, 3, 1, 4))   # [B, K, G, T, H]
+    query = jnp.transpose(query, (0, 2, 1, 3, 4))   # [B, K, T, G, H]
     key = jnp.transpose(key, (0, 2, 1, 3))          # [B, K, S, H]
     value = jnp.transpose(value, (0, 2, 1, 3))      # [B, K, S, H]
     position = jnp.arange(length)
     outputs = []
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
-        scores = jnp.einsum("BKGTH,BKSH->BKGTS", query[:, :, :, start:end], key[:, :, :end],
+        rows = query[:, :, start:end].reshape(batch, num_kv_heads, (end - start) * groups, head_dim)
+        scores = jnp.einsum("BKRH,BKSH->BKRS", rows, key[:, :, :end],
                             preferred_element_type=jnp.float32)
         allowed = ((segment_ids[:, start:end, None] == segment_ids[:, None, :end])
                    & (position[start:end, None] >= position[None, :end]))  # [B, T, S]
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        allowed = jnp.repeat(allowed, groups, axis=1)  # [B, R, S]: row t*G + g is query t
+        scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-        outputs.append(jnp.einsum("BKGTS,BKSH->BKGTH", probs, value[:, :, :end]))
-    out = jnp.concatenate(outputs, axis=3)           # [B, K, G, T, H]
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, length, num_heads, head_dim)
+        out = jnp.einsum("BKRS,BKSH->BKRH", probs, value[:, :, :end])
+        outputs.append(out.reshape(batch, num_kv_heads, end - start, groups, head_dim))
+    out = jnp.concatenate(outputs, axis=2)           # [B, K, T, G, H]
+    return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(batch, length, num_heads, head_dim)
 
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array,
@@ -103,10 +109,10 @@ class Attention(nn.Module):
                    ("heads", "head_dim", "embed"), self.param_dtype)
 
         x = x.astype(self.dtype)
-        query = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(self.dtype))
-        key = jnp.einsum("BSD,DKH->BSKH", x, wk.astype(self.dtype))
-        value = jnp.einsum("BSD,DKH->BSKH", x, wv.astype(self.dtype))
+        query = dense(x, wq.astype(self.dtype))  # [B, T, N, H]
+        key = dense(x, wk.astype(self.dtype))    # [B, S, K, H]
+        value = dense(x, wv.astype(self.dtype))
         query = apply_rope(query, cos, sin)
         key = apply_rope(key, cos, sin)
         out = attend(query, key, value, segment_ids, self.implementation)  # [B, T, N, H]
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(self.dtype))
+        return dense(out, wo.astype(self.dtype), num_in=2)  # [B, T, D]

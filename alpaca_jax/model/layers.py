@@ -7,6 +7,7 @@ appear in model code: `alpaca_jax.sharding` maps logical names to the mesh from 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -21,6 +22,23 @@ def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
     """Declare a parameter with logical axis names (one name per dimension)."""
     assert len(axes) == len(shape), (name, axes, shape)
     return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype)
+
+
+def dense(x: jax.Array, kernel: jax.Array, num_in: int = 1) -> jax.Array:
+    """Contract the last `num_in` dims of x with the first `num_in` of kernel: [..., *in] -> [..., *out].
+
+    Computed as one 2-D matmul on [tokens, in] activations rather than an einsum that keeps
+    batch and length apart. The result is the same, but the weight gradient of the einsum form
+    contracts over two dims at once ([B, T, D] x [B, T, F] -> [D, F]), which XLA:CPU runs
+    about 25% slower than the single GEMM it becomes here (benchmarks/layer_matmuls.py; the
+    whole train step, BENCHMARKS.md).
+    """
+    batch_shape, in_shape = x.shape[:x.ndim - num_in], kernel.shape[:num_in]
+    assert x.shape[x.ndim - num_in:] == in_shape, (x.shape, kernel.shape, num_in)
+    out_shape = kernel.shape[num_in:]
+    flat = x.reshape(math.prod(batch_shape), math.prod(in_shape))
+    y = flat @ kernel.reshape(math.prod(in_shape), math.prod(out_shape))
+    return y.reshape(*batch_shape, *out_shape)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alpaca_jax.model.layers import param
+from alpaca_jax.model.layers import dense, param
 
 
 class SwiGLU(nn.Module):
@@ -26,6 +26,6 @@ class SwiGLU(nn.Module):
         w_up = param(self, "w_up", init, (embed, self.intermediate_size), ("embed", "mlp"), self.param_dtype)
         w_down = param(self, "w_down", init, (self.intermediate_size, embed), ("mlp", "embed"), self.param_dtype)
         x = x.astype(self.dtype)
-        gate = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(self.dtype))
-        up = jnp.einsum("BTD,DF->BTF", x, w_up.astype(self.dtype))
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w_down.astype(self.dtype))
+        gate = dense(x, w_gate.astype(self.dtype))  # [B, T, F]
+        up = dense(x, w_up.astype(self.dtype))
+        return dense(jax.nn.silu(gate) * up, w_down.astype(self.dtype))  # [B, T, D]

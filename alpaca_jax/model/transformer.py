@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.model.attention import Attention
-from alpaca_jax.model.layers import DTYPES, RMSNorm, param
+from alpaca_jax.model.layers import DTYPES, RMSNorm, dense, param
 from alpaca_jax.model.mlp import SwiGLU
 from alpaca_jax.model.rope import rope_cos_sin, rope_inverse_frequencies
 
@@ -80,7 +80,7 @@ class Llama(nn.Module):
 
         x = RMSNorm(cfg.rms_norm_eps, param_dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
-            return jnp.einsum("BTD,VD->BTV", x, embedding.astype(dtype))
+            return dense(x, embedding.astype(dtype).T)  # [B, T, V]
         lm_head = param(self, "lm_head", init, (cfg.hidden_size, cfg.vocab_size),
                         ("embed", "vocab"), param_dtype)
-        return jnp.einsum("BTD,DV->BTV", x, lm_head.astype(dtype))
+        return dense(x, lm_head.astype(dtype))
