@@ -154,7 +154,7 @@ def _copy_weights(model, params, cfg: ModelConfig) -> None:
     d = cfg.hidden_size
     sd = {"model.embed_tokens.weight": params["embedding"],
           "model.norm.weight": params["final_norm"]["scale"],
-          "lm_head.weight": params["lm_head"].T}
+          "lm_head.weight": params["lm_head"]}
     for i in range(cfg.num_layers):
         layer = params[f"layers_{i}"] if f"layers_{i}" in params else jax.tree.map(lambda x: x[i], params["layers"])
         att, mlp, pre = layer["attention"], layer["mlp"], f"model.layers.{i}."

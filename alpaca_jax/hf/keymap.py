@@ -3,7 +3,7 @@
 Rotary embeddings use HF's rotate-half layout (model/rope.py), so converting is renames and
 reshape/transposes only, never a permutation of the head dimension. HF stores a linear layer as
 `[out, in]`; ours keep the input dimensions first and split heads out (model/attention.py,
-mlp.py, transformer.py):
+mlp.py), except the two vocabulary matrices, which are [V, D] as in HF (transformer.py):
 
     ours (per layer)                      HF (model.layers.{i}.)
     attention_norm/scale  [D]             input_layernorm.weight           [D]
@@ -16,7 +16,7 @@ mlp.py, transformer.py):
     ours (top level)                      HF
     embedding             [V, D]          model.embed_tokens.weight        [V, D]
     final_norm/scale      [D]             model.norm.weight                [D]
-    lm_head               [D, V]          lm_head.weight                   [V, D]  (absent when tied)
+    lm_head               [V, D]          lm_head.weight                   [V, D]  (absent when tied)
 
 With `scan_layers` the per-layer parameters are stacked under `layers/...` with a leading layer
 axis; without, they live under `layers_{i}/...`.
@@ -53,7 +53,7 @@ LAYER_TENSORS = (
 )
 EMBEDDING = TensorMap(("embedding",), "model.embed_tokens.weight", None)
 FINAL_NORM = TensorMap(("final_norm", "scale"), "model.norm.weight", None)
-LM_HEAD = TensorMap(("lm_head",), "lm_head.weight", 1)
+LM_HEAD = TensorMap(("lm_head",), "lm_head.weight", None)
 
 # Tensors some HF checkpoints carry that hold no weights (LLaMA-1 era rotary buffers).
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
