@@ -33,6 +33,11 @@ OPT_OUT_VARIABLE = "ALPACA_JAX_HOST_MALLOC"   # set to "default" to keep glibc's
 DONE_VARIABLE = "ALPACA_JAX_HOST_MALLOC_SET"  # marks the re-executed process
 
 
+def glibc_available() -> bool:
+    """Whether GLIBC_TUNABLES means anything here (Linux with glibc)."""
+    return sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+
 def tuned_environment(environ: dict[str, str]) -> dict[str, str] | None:
     """`environ` with our tunables merged into GLIBC_TUNABLES, or None when nothing is to change.
 
@@ -54,7 +59,7 @@ def maybe_reexec_with_host_malloc_tuning() -> None:
     Call it first thing in a program's entry point, before JAX allocates anything. It never
     returns when it re-executes; elsewhere (macOS, musl, opted out, already set) it is a no-op.
     """
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if not glibc_available():
         return
     environ = tuned_environment(dict(os.environ))
     if environ is None:

@@ -11,7 +11,8 @@ intermediate 1408, vocab 8192, fp32), for:
 - the output head with cross-entropy, gradients for x and the head weight;
 
 each as (a) the einsum form over [B, T, D] with [in, out] weights (our model before), (b) ours:
-`dense` on [B*T, D], with the head weight stored [V, D] (its backward is faster that way),
+the model's `SwiGLU` module and its head matmul, both `dense` on [B*T, D], the head weight
+stored [V, D] (its backward is faster that way), and the train step's cross-entropy,
 (c) PyTorch eager `nn.functional.linear` (2 threads). Timings are interleaved, medians of
 `--repeats`.
 
@@ -37,6 +38,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from alpaca_jax.model.layers import dense  # noqa: E402
+from alpaca_jax.model.mlp import SwiGLU  # noqa: E402
+from alpaca_jax.train.step import token_cross_entropy  # noqa: E402
 
 OUTPUT = Path(__file__).resolve().parent / "results" / "layer_matmuls.json"
 B, T, D, F, V = 8, 512, 512, 1408, 8192
@@ -48,14 +51,16 @@ def mlp_einsum(x, w_gate, w_up, w_down):
     return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w_down)
 
 
-def mlp_dense(x, w_gate, w_up, w_down):
-    return dense(jax.nn.silu(dense(x, w_gate)) * dense(x, w_up), w_down)
+SWIGLU = SwiGLU(F, init_std=0.02, dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def mlp_ours(x, w_gate, w_up, w_down):
+    """The model's own SwiGLU module (model/mlp.py), applied to these weights."""
+    return SWIGLU.apply({"params": {"w_gate": w_gate, "w_up": w_up, "w_down": w_down}}, x)
 
 
 def head_loss(logits, targets):
-    logits = logits.astype(jnp.float32)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - target_logit)
+    return jnp.sum(token_cross_entropy(logits, targets))  # the train step's loss (train/step.py)
 
 
 def jax_cases(key):
@@ -74,7 +79,7 @@ def jax_cases(key):
 
     cases = {
         ("mlp", "einsum"): (mlp_grad(mlp_einsum), (x, *mlp_w)),
-        ("mlp", "ours"): (mlp_grad(mlp_dense), (x, *mlp_w)),
+        ("mlp", "ours"): (mlp_grad(mlp_ours), (x, *mlp_w)),
         ("head", "einsum"): (head_grad(lambda x, w: jnp.einsum("BTD,DV->BTV", x, w)), (x, head_w)),
         ("head", "ours"): (head_grad(lambda x, w: dense(x, w.T)), (x, head_w.T.copy())),
     }

@@ -305,8 +305,8 @@ def default_malloc_run(steps: int) -> dict:
     """The raw-step comparison again in a fresh process with glibc's default allocator settings
     (what a user gets from plain `python train.py` with Hugging Face), for both sides."""
     out = OUTPUT.parent / "train_throughput_default_malloc.json"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", "ALPACA_JAX_HOST_MALLOC_SET")}
+    from alpaca_jax.host_malloc import DONE_VARIABLE
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", DONE_VARIABLE)}
     subprocess.run([sys.executable, __file__, "--host-malloc", "default", "--raw-only",
                     "--steps", str(steps), "--output", str(out)], env=env, check=True)
     return json.loads(out.read_text())["raw_step"]

@@ -5,21 +5,24 @@ ends up with, including that XLA's per-step buffer stops costing page faults.
 """
 
 import os
-import platform
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from alpaca_jax.host_malloc import DONE_VARIABLE, OPT_OUT_VARIABLE, TUNABLES, tuned_environment
+from alpaca_jax.host_malloc import (DONE_VARIABLE, OPT_OUT_VARIABLE, TUNABLES, glibc_available,
+                                    tuned_environment)
 
-glibc_only = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
-                                reason="GLIBC_TUNABLES only exists on Linux with glibc")
+glibc_only = pytest.mark.skipif(not glibc_available(), reason="GLIBC_TUNABLES only exists on Linux with glibc")
+
+
+def _parse(tunables: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in tunables.split(":"))
 
 
 def _tunables(env):
-    return dict(item.split("=", 1) for item in env["GLIBC_TUNABLES"].split(":"))
+    return _parse(env["GLIBC_TUNABLES"])
 
 
 def test_tunables_are_added_once_and_marked():
@@ -83,7 +86,7 @@ def test_reexec_sets_the_tunables_and_xla_buffers_stop_faulting():
     for _ in range(3):
         out, tuned_faults = _probe({})
         assert out.count("start") == 2  # printed before and after the one re-exec
-        tunables = dict(item.split("=", 1) for item in out[-2].split()[1].split(":"))
+        tunables = _parse(out[-2].split()[1])
         assert all(tunables[k] == v for k, v in TUNABLES.items())
         tuned_runs.append(tuned_faults)
         if tuned_faults < 1000:
