@@ -134,7 +134,8 @@ def main(argv=None) -> dict:
 
     def call(fn, call_args):
         out = fn(*call_args)
-        jax.block_until_ready(out) if not isinstance(out[0], torch.Tensor) else None
+        if not isinstance(out[0], torch.Tensor):  # PyTorch eager has already finished
+            jax.block_until_ready(out)
 
     for fn, call_args in cases.values():  # compile / warm up
         call(fn, call_args)

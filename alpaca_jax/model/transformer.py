@@ -80,9 +80,10 @@ class Llama(nn.Module):
 
         x = RMSNorm(cfg.rms_norm_eps, param_dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
-            return dense(x, embedding.astype(dtype).T)  # [B, T, V]
-        # [V, D] like the embedding (and HF's lm_head.weight): XLA:CPU runs this head's
-        # backward ~10% faster than with a [D, V] weight (BENCHMARKS.md, layer matmuls).
-        lm_head = param(self, "lm_head", init, (cfg.vocab_size, cfg.hidden_size),
-                        ("vocab", "embed"), param_dtype)
-        return dense(x, lm_head.astype(dtype).T)
+            head = embedding
+        else:
+            # [V, D] like the embedding (and HF's lm_head.weight): XLA:CPU runs this head's
+            # backward ~10% faster than with a [D, V] weight (BENCHMARKS.md, layer matmuls).
+            head = param(self, "lm_head", init, (cfg.vocab_size, cfg.hidden_size),
+                         ("vocab", "embed"), param_dtype)
+        return dense(x, head.astype(dtype).T)  # [B, T, V]
