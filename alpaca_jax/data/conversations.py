@@ -103,14 +103,15 @@ def _validated(raw_turns: list[tuple[object, object]], roles: dict[str, str], wh
             raise _Malformed("empty turn")
         turns.append(Turn(roles[role.lower()], content))  # type: ignore[arg-type]
     body = turns[1:] if turns and turns[0].role == "system" else turns
-    if body and body[-1].role == "user" and len(body) % 2:
+    trailing_user = bool(body) and body[-1].role == "user" and len(body) % 2 == 1
+    if trailing_user:
         body, turns = body[:-1], turns[:-1]
-        report.trailing_user_dropped += 1
     for i, turn in enumerate(body):
         if turn.role != ("user" if i % 2 == 0 else "assistant"):
             raise _Malformed("roles out of order")
     if not body:
         raise _Malformed("no assistant turn")
+    report.trailing_user_dropped += trailing_user
     return Conversation(tuple(turns), where)
 
 
