@@ -108,7 +108,7 @@ class DataConfig:
     """Instruction data and conversations: files or a weighted mixture, chat template, lengths and packing."""
     train_files: tuple[str, ...] = ("builtin:seed_tasks",)  # JSON/JSONL files; builtin:seed_tasks = bundled pool
     format: DataFormat = "auto"            # row layout of train_files; auto detects per row
-    template: Literal["alpaca", "vicuna_v1.1", "tokenizer"] = "alpaca"  # chat template; tokenizer = its chat_template
+    template: Literal["alpaca", "vicuna_v1.1", "koala", "tokenizer"] = "alpaca"  # chat template; tokenizer = its chat_template
     max_len: int = 256                     # tokens per example (BOS..EOS) and per packed row
     packing: bool = True                   # pack several examples per row (else one, padded)
     pack_window: int = 64                  # open rows first-fit packing keeps (more = denser)

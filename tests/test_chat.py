@@ -30,7 +30,7 @@ LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messag
           "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
           "{% endfor %}")
 # What each template writes after an assistant turn's content, inside the loss.
-END_OF_TURN = {"alpaca": "</s>", "vicuna_v1.1": "</s>", "chatml": "<|im_end|>", "llama2": " </s>"}
+END_OF_TURN = {"alpaca": "</s>", "vicuna_v1.1": "</s>", "koala": "</s>", "chatml": "<|im_end|>", "llama2": " </s>"}
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly juggle hot "
          "pancakes near ancient rivers; why? because numbers like 42 and 7 matter").split()
@@ -114,7 +114,7 @@ def _assert_runs_are_assistant_turns(runs: list[str], conv: Conversation, templa
 
 
 @pytest.mark.parametrize("tokenizer_name", ["byte_level", "sentencepiece"])
-@pytest.mark.parametrize("template_name", ["vicuna_v1.1", "chatml", "llama2", "alpaca"])
+@pytest.mark.parametrize("template_name", ["vicuna_v1.1", "koala", "chatml", "llama2", "alpaca"])
 def test_loss_mask_decodes_to_exactly_the_assistant_turns(tokenizers_, tokenizer_name, template_name):
     tokenizer = tokenizers_[tokenizer_name]
     template = _template(template_name, tokenizer)
@@ -194,7 +194,7 @@ def test_alpaca_template_through_the_chat_path_gives_the_alpaca_path_tokens(shar
         np.testing.assert_array_equal(a["loss_mask"], m)
 
 
-@pytest.mark.parametrize("template_name", ["vicuna_v1.1", "chatml", "llama2", "alpaca"])
+@pytest.mark.parametrize("template_name", ["vicuna_v1.1", "koala", "chatml", "llama2", "alpaca"])
 def test_render_prompt_is_what_training_saw_before_each_answer(tokenizers_, template_name):
     tokenizer = tokenizers_["byte_level"]
     template = _template(template_name, tokenizer)

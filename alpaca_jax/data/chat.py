@@ -12,6 +12,8 @@ Templates, by name (`data.template`):
 - `vicuna_v1.1`: FastChat's `vicuna_v1.1` (sep_style ADD_COLON_TWO, sep " ", sep2 EOS):
   `SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>`, with FastChat's default system
   message when the conversation has none.
+- `koala`: the same shape with Koala's words, as EasyLM serves Koala:
+  `BEGINNING OF CONVERSATION: USER: q GPT: a</s>USER: q2 GPT: a2</s>`.
 - `tokenizer`: the `chat_template` (Jinja) of the local HF tokenizer. It is rendered once per
   prefix of the conversation, so each assistant turn's span is exact without `{% generation %}`
   markers: the turn's text is what the template adds between "the conversation so far plus the
@@ -36,7 +38,7 @@ from alpaca_jax.data.conversations import Conversation, Turn
 from alpaca_jax.data.records import DataError
 from alpaca_jax.data.templates import alpaca_prompt
 
-TEMPLATES = ("alpaca", "vicuna_v1.1", "tokenizer")
+TEMPLATES = ("alpaca", "vicuna_v1.1", "koala", "tokenizer")
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 DEFAULT_EOS = "</s>"
@@ -93,21 +95,23 @@ class AlpacaTemplate(ChatTemplate):
 
 
 class VicunaTemplate(ChatTemplate):
-    """FastChat `vicuna_v1.1`; `eos_token` is sep2 (`</s>` for LLaMA tokenizers)."""
+    """FastChat `vicuna_v1.1`; `eos_token` is sep2 (`</s>` for LLaMA tokenizers). Koala's
+    format is the same shape with its own preamble and role names."""
     name = "vicuna_v1.1"
+    system, user, assistant = VICUNA_SYSTEM, "USER", "ASSISTANT"
 
     def __init__(self, eos_token: str = DEFAULT_EOS):
         self.eos_token = eos_token
 
     def _head(self, conversation: Conversation) -> str:
         system = conversation.system
-        return (VICUNA_SYSTEM if system is None else system) + " "
+        return (self.system if system is None else system) + " "
 
     def render(self, conversation: Conversation) -> Rendered:
         text = self._head(conversation)
         header_end, spans, ends = len(text), [], []
         for user, assistant in conversation.exchanges:
-            text += f"USER: {_user_text(user)} ASSISTANT: "
+            text += f"{self.user}: {_user_text(user)} {self.assistant}: "
             start = len(text)
             text += assistant.content + self.eos_token
             spans.append((start, len(text)))
@@ -117,7 +121,14 @@ class VicunaTemplate(ChatTemplate):
     def prompt(self, conversation: Conversation) -> str:
         done = Conversation(conversation.turns[:-1], conversation.where)
         text = self.render(done).text if done.exchanges else self._head(done)
-        return text + f"USER: {_user_text(conversation.turns[-1])} ASSISTANT:"
+        return text + f"{self.user}: {_user_text(conversation.turns[-1])} {self.assistant}:"
+
+
+class KoalaTemplate(VicunaTemplate):
+    """Koala's chat format, as EasyLM serves it (docs/koala.md: prepend `BEGINNING OF
+    CONVERSATION: `, user `USER: q `, model `GPT:` ... `</s>`)."""
+    name = "koala"
+    system, user, assistant = "BEGINNING OF CONVERSATION:", "USER", "GPT"
 
 
 class TokenizerTemplate(ChatTemplate):
@@ -196,6 +207,8 @@ def chat_template(name: str, tokenizer=None) -> ChatTemplate:
         return AlpacaTemplate(eos)
     if name == "vicuna_v1.1":
         return VicunaTemplate(eos)
+    if name == "koala":
+        return KoalaTemplate(eos)
     if name == "tokenizer":
         if tokenizer is None:
             raise DataError("data.template=tokenizer needs tokenizer.path (a local HF tokenizer with a chat_template)")

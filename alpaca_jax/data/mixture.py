@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from alpaca_jax.data.chat import AlpacaTemplate, ChatTemplate, VicunaTemplate
+from alpaca_jax.data.chat import AlpacaTemplate, ChatTemplate, KoalaTemplate, VicunaTemplate
 from alpaca_jax.data.conversations import Conversation, LoadReport, read_conversations
 from alpaca_jax.data.records import DataError, resolve_data_path
 from alpaca_jax.data.tokenize import TokenizeStats, tokenize_conversations
@@ -69,7 +69,8 @@ def load_sources(data_cfg) -> list[Source]:
 def corpus_texts(sources: Sequence[Source], template_name: str):
     """Text for training the run's BPE: every conversation rendered as it will be read, with
     the end-of-turn left out (EOS is a special token, added to the vocabulary apart)."""
-    template = {"alpaca": AlpacaTemplate, "vicuna_v1.1": VicunaTemplate}[template_name](eos_token="")
+    template = {"alpaca": AlpacaTemplate, "vicuna_v1.1": VicunaTemplate,
+                "koala": KoalaTemplate}[template_name](eos_token="")
     for source in sources:
         for conv in source.conversations:
             yield template.render(conv).text
