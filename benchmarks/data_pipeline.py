@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--max-len", type=int, default=2048, help="row length for our packing (nothing is truncated)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7, help="timed passes per side (median)")
     parser.add_argument("--quick", action="store_true", help="one repeat, no train-step measurement")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "data_pipeline.json")
     args = parser.parse_args(argv)
