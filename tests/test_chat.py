@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from alpaca_jax.data import (BatchIterator, Conversation, DataError, Turn, alpaca_prompt, chat_template,
-                             conversations_from_rows, encode_prompt, load_instruction_dataset,
+                             encode_prompt, load_instruction_dataset,
                              read_conversations, render_prompt, tokenize_conversations, tokenize_dataset,
                              train_bpe_tokenizer)
 from alpaca_jax.data.tokenize import loss_mask_from_offsets
@@ -63,7 +63,7 @@ def _sentencepiece_like(texts) -> PreTrainedTokenizerFast:
 
 
 def _corpus(conversations) -> list[str]:
-    texts = [chat_template(name).render(c).text for c in conversations for name in ("vicuna_v1.1",)]
+    texts = [chat_template("vicuna_v1.1").render(c).text for c in conversations]
     return texts + [alpaca_prompt(c.turns[-2].content, c.turns[-2].input) + c.turns[-1].content
                     for c in conversations]
 

@@ -4,6 +4,7 @@ model trained on ShareGPT conversations mixed with Alpaca rows and a `save_to_di
 from __future__ import annotations
 
 import json
+import re
 
 import datasets
 import numpy as np
@@ -76,6 +77,20 @@ def test_shipped_recipes_load():
     assert vicuna.data.template == "vicuna_v1.1" and vicuna.data.max_len == 2048
     koala = load_config(CONFIG_DIR / "koala_7b.yaml")
     assert len(koala.data.mixture) == 7 and koala.data.template == "koala" and koala.train.num_epochs == 2
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"mixture": [{"path": "a.json", "weight": 0}]}, "weight of a.json must be positive"),
+    ({"mixture": [{"weight": 1}]}, "every source needs a path"),
+    ({"mixture": ["a.json"]}, "data.mixture[0]: expected a mapping"),
+    ({"mixture": [{"path": "a.json", "share": 1}]}, "unknown config key 'data.mixture[0].share'"),
+    ({"template": "chatml"}, "config key 'data.template': expected one of"),
+    ({"mixture_size": 0}, "data.mixture_size must be positive"),
+])
+def test_bad_mixture_configs_name_the_key(data, message):
+    from alpaca_jax.config import ConfigError
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({"data": data})
 
 
 @pytest.fixture(scope="module")
