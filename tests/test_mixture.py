@@ -3,8 +3,10 @@ model trained on ShareGPT conversations mixed with Alpaca rows and a `save_to_di
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 
 import datasets
 import numpy as np
@@ -111,15 +113,31 @@ def mixed_run(tmp_path_factory):
              {"path": str(root / "alpaca_arrow"), "weight": 0.2}]},
          "optimizer": {"learning_rate": 1e-2, "b2": 0.95, "warmup_steps": 3},
          "train": {"max_steps": 30, "batch_size": 8, "log_every": 5, "progress_bar": False},
-         "checkpoint": {"every": None}, "run": {"dir": str(root / "run"), "tensorboard": False}})
-    return train(cfg), json.loads((root / "run" / "summary.json").read_text())
+         "checkpoint": {"every": 15, "keep": None, "async_save": False},
+         "run": {"dir": str(root / "run"), "tensorboard": False}})
+    result = train(cfg)
+    # The same run "killed" after step 15's checkpoint: a copy without the later one, resumed.
+    shutil.copytree(root / "run", root / "resumed")
+    shutil.rmtree(root / "resumed" / "checkpoints" / "30")
+    train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(root / "resumed"))))
+    return result, json.loads((root / "run" / "summary.json").read_text()), root
 
 
 def test_tiny_model_trains_on_conversations_mixed_with_alpaca(mixed_run):
-    result, summary = mixed_run
+    result, summary, _ = mixed_run
     assert result.last_loss < 0.7 * result.first_loss  # 6.2 -> 3.2 measured
     sources = summary["sources"]
     assert [s["load"]["conversations"] for s in sources] == [500, 999, 200]  # every row loaded
     assert [s["per_epoch"] for s in sources] == [300, 180, 120]
     assert [round(s["realised_share"], 6) for s in sources] == [0.5, 0.3, 0.2]
     assert summary["tokenize"]["examples"] == 1699 and summary["tokenize"]["truncated"] > 0
+
+
+def test_a_mixture_run_resumed_after_a_kill_repeats_every_metric(mixed_run):
+    from alpaca_jax.train import read_metrics
+    *_, root = mixed_run
+    comparable = lambda records: [{k: v for k, v in r.items() if k != "tokens_per_second"}  # noqa: E731
+                                  for r in records]
+    reference, resumed = read_metrics(root / "run"), read_metrics(root / "resumed")
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference] == [1, 5, 10, 15, 20, 25, 30]
+    assert comparable(resumed) == comparable(reference)  # the same stream, bitwise the same losses
