@@ -65,10 +65,10 @@ class SamplingConfig:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
-    def __post_init__(self):
-        _require(self.temperature >= 0, "sampling.*.temperature must be >= 0")
-        _require(0 < self.top_p <= 1, "sampling.*.top_p must be in (0, 1]")
-        _require(self.max_tokens >= 1, "sampling.*.max_tokens must be >= 1")
+    def check(self, name: str) -> None:
+        _require(self.temperature >= 0, f"sampling.{name}.temperature must be >= 0")
+        _require(0 < self.top_p <= 1, f"sampling.{name}.top_p must be in (0, 1]")
+        _require(self.max_tokens >= 1, f"sampling.{name}.max_tokens must be >= 1")
 
     def params(self) -> dict[str, float | int]:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
@@ -82,10 +82,10 @@ class InstanceSampling(SamplingConfig):
     presence_penalty: float = 1.5
     classification_max_tokens: int = 300
 
-    def __post_init__(self):
-        super().__post_init__()
+    def check(self, name: str) -> None:
+        super().check(name)
         _require(self.classification_max_tokens >= 1,
-                 "sampling.instances.classification_max_tokens must be >= 1")
+                 f"sampling.{name}.classification_max_tokens must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,10 @@ class StageSampling:
     classification: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=3))
     instances: InstanceSampling = field(default_factory=InstanceSampling)
+
+    def __post_init__(self):
+        for name in ("instructions", "classification", "instances"):
+            getattr(self, name).check(name)
 
 
 @dataclass(frozen=True)
