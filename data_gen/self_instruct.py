@@ -191,8 +191,9 @@ def run_self_instruct(config: GenerateConfig, seeds: list[SeedTask], teacher: Te
                         classification_requests(config, clf_examples, machine, first),
                         parse_label, lambda answer: answer is not None, accept_label)
             new_labels = {i: labels[i] for i in range(first, len(machine)) if i in labels}
-            rounds.send("stage 3 (instances)", instance_requests(config, demos, machine, new_labels),
-                        parse_instance_reply, has_items, accept_instances)
+            if new_labels:
+                    rounds.send("stage 3 (instances)", instance_requests(config, demos, machine, new_labels),
+                            parse_instance_reply, has_items, accept_instances)
     except RunStopped as stopped:
         report.finish(stopped.stop, stopped.reason)
     progress.close()
