@@ -193,3 +193,24 @@ def test_alpaca_requests_stop_at_task_20(tmp_path, capsys, fake_server):
     for record in map(json.loads, (tmp_path / "journal.jsonl").read_text().splitlines()):
         last.append(max(int(n) for n in re.findall(r"^(\d+)\. Instruction:", record["text"], flags=re.MULTILINE)))
     assert max(last) == 19 and last.count(19) >= len(last) // 2
+
+
+def test_failed_stage_2_and_3_requests_leave_tasks_for_a_rerun(tmp_path, capsys, fake_server):
+    common = ["pipeline.num_instructions=20", "pipeline.requests_per_round=2"]
+    code, _, _ = _generate(capsys, "self-instruct", fake_server().url, tmp_path / "clean", *common)
+    reference = json.loads((tmp_path / "clean" / "data.json").read_text())
+    assert code == 0
+    # Every request's first two attempts fail with probability 0.3; with no retries some stage 2
+    # and 3 requests fail, and their tasks must not be written half-done.
+    server = fake_server(fault_rate=0.3, kinds=("server_error",))
+    out = tmp_path / "faulty"
+    codes, lines = [], []
+    for _ in range(4):
+        code, lines, report = _generate(capsys, "self-instruct", server.url, out, *common, "teacher.max_retries=0")
+        codes.append(code)
+        if code == 0:
+            break
+        assert code == 1 and len(lines) == 1 and "lack a stage 2 or 3 answer" in lines[0]
+        assert report["incomplete_tasks"] > 0
+    assert codes[0] == 1 and codes[-1] == 0
+    assert json.loads((out / "data.json").read_text()) == reference
