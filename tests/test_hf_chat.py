@@ -111,9 +111,9 @@ print(json.dumps([[tokenizer(p)["input_ids"], tokenizer.apply_chat_template(
 def test_exported_tokenizer_encodes_alike_in_transformers_4(exports, add_bos):
     out = exports[add_bos]
     prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in ROWS]
-    result = subprocess.run([os.environ["ALPACA_JAX_TRANSFORMERS4_PYTHON"], "-c", _ENCODE_IN_OTHER_TRANSFORMERS,
-                             str(out), json.dumps(ROWS), json.dumps(prompts)],
-                            capture_output=True, text=True, timeout=120)
+    python = os.environ["ALPACA_JAX_TRANSFORMERS4_PYTHON"]
+    result = subprocess.run([python, "-c", _ENCODE_IN_OTHER_TRANSFORMERS, str(out), json.dumps(ROWS),
+                             json.dumps(prompts)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     expected = _training_prompt_ids(out.parent / f"run_bos_{add_bos}" / "tokenizer", add_bos)
     assert json.loads(result.stdout.splitlines()[-1]) == [[ids, ids] for ids in expected]
@@ -123,8 +123,8 @@ def test_chat_template_renders_whole_examples_and_refuses_other_shapes(exports):
     tokenizer = AutoTokenizer.from_pretrained(exports[True], local_files_only=True)
     row = ROWS[1]
     example = tokenizer.apply_chat_template(
-        [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}],
-        tokenize=False, input=row["input"])
+        [{"role": "user", "content": row["instruction"]},
+         {"role": "assistant", "content": row["output"]}], tokenize=False, input=row["input"])
     assert example == "<s>" + alpaca_prompt(row["instruction"], row["input"]) + row["output"] + "</s>"
     # A system message in the preamble's place; content parts as `transformers serve` passes them.
     with_system = tokenizer.apply_chat_template(
@@ -180,7 +180,8 @@ def server(exports, tmp_path_factory):
         deadline = time.monotonic() + SERVER_START_S
         while True:
             if process.poll() is not None:
-                pytest.fail(f"transformers serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+                pytest.fail(f"transformers serve exited with {process.returncode}:\n"
+                            f"{log.read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as response:
                     if response.status == 200:

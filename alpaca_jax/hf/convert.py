@@ -78,7 +78,8 @@ def export_hf(source: str | Path, out_dir: str | Path, *, dtype: str | None = No
                     "the export has weights only", saved.run_dir)
     hf_config = hf_config_from_model(cfg, dtype, **ids)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    (out_dir / "generation_config.json").write_text(json.dumps(generation_config(cfg, ids), indent=2) + "\n")
+    generation = generation_config(cfg, ids)
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     log.info("exported %s%s to %s (%d safetensors file%s, %s)", saved.run_dir,
              f" (step {saved.step})" if saved.step is not None else "", out_dir, len(files),
              "s" if len(files) > 1 else "", dtype)

@@ -36,7 +36,8 @@ CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 V5_ONLY_CLASSES = ("TokenizersBackend",)
 
 
-def export_tokenizer(source: Path, out_dir: Path, files: tuple[str, ...], config: Config) -> dict[str, int | None]:
+def export_tokenizer(source: Path, out_dir: Path, files: tuple[str, ...],
+                     config: Config) -> dict[str, int | None]:
     """Copy `files` from `source` into `out_dir`, fixed as the module docstring says.
 
     Returns the special ids (bos/eos/pad, None where absent) for config.json and
@@ -50,7 +51,7 @@ def export_tokenizer(source: Path, out_dir: Path, files: tuple[str, ...], config
                 and (source / name).resolve() != (out_dir / name).resolve():
             shutil.copyfile(source / name, out_dir / name)
 
-    trained = load_tokenizer(source)  # the tokenizer as training loaded it: its BOS is the one examples began with
+    trained = load_tokenizer(source)  # as training loaded it: its BOS began the examples
     add_bos = config.tokenizer.add_bos and trained.bos_token_id is not None
     tokenizer_config = _read_json(out_dir / "tokenizer_config.json")
     if (out_dir / "tokenizer.json").is_file():
@@ -58,7 +59,7 @@ def export_tokenizer(source: Path, out_dir: Path, files: tuple[str, ...], config
         if tokenizer_config.get("tokenizer_class") in (None, *V5_ONLY_CLASSES):
             tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     tokenizer_config.pop("backend", None)  # a transformers 5 field; 4.x would keep it as an init kwarg
-    tokenizer_config["add_bos_token"] = add_bos  # what LLaMA tokenizer classes build their post-processor from
+    tokenizer_config["add_bos_token"] = add_bos  # LLaMA tokenizer classes build their post-processor from it
     tokenizer_config["add_eos_token"] = False    # EOS ends a response; the prompt never carries one
     tokenizer_config["model_max_length"] = config.model.max_position_embeddings
     template = chat_template(config, add_bos)
