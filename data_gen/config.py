@@ -42,12 +42,17 @@ class TeacherConfig:
     timeout_s: float = 120.0
     max_concurrency: int = 8
     max_retries: int = 8
+    # A refused connection or an unknown host before the teacher has answered once in this run
+    # is most likely a wrong URL or a server that is down: retry it only this often, so a dead
+    # endpoint ends the run in seconds. Once the teacher has answered, max_retries applies.
+    max_connect_retries: int = 2
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
 
     def __post_init__(self):
         _require(self.max_concurrency >= 1, "teacher.max_concurrency must be >= 1")
         _require(self.max_retries >= 0, "teacher.max_retries must be >= 0")
+        _require(self.max_connect_retries >= 0, "teacher.max_connect_retries must be >= 0")
         _require(self.timeout_s > 0, "teacher.timeout_s must be > 0")
         _require(0 < self.backoff_initial_s <= self.backoff_max_s,
                  "teacher.backoff_initial_s must be > 0 and <= teacher.backoff_max_s")

@@ -109,6 +109,7 @@ class Teacher:
         self.budget = budget
         self.stats = TeacherStats()
         self.last_error: str | None = None
+        self._answered = False  # has any HTTP call of this run reached the teacher?
         self._stats_lock = threading.Lock()
         self._jitter = random.Random()  # jitter must differ between clients, so no fixed seed
         if client is None:
@@ -201,7 +202,7 @@ class Teacher:
                     self.last_error = f"{prefix}{type(e).__name__}: {_one_line(e)}"
                 if kind == "garbage":
                     return self._record(rid, request, None)
-                if kind == "retry" and attempt < self.config.max_retries:
+                if kind == "retry" and attempt < self._retries_for(e):
                     with self._stats_lock:
                         self.stats.retries += 1
                     time.sleep(self._delay(e, attempt))
@@ -210,10 +211,21 @@ class Teacher:
                 with self._stats_lock:
                     self.stats.failed += 1
                 return None
+            self._answered = True
             if raw is None:
                 with self._stats_lock:
                     self.last_error = "garbage response: a 200 answer holding no completion text"
             return self._record(rid, request, raw)
+
+    def _retries_for(self, error: Exception) -> int:
+        """Retries allowed for this failure: few for an endpoint that was never reached."""
+        if isinstance(error, openai.APIStatusError):
+            self._answered = True  # an HTTP status is an answer: the server is there
+        unreachable = (isinstance(error, openai.APIConnectionError)
+                       and not isinstance(error, openai.APITimeoutError))
+        if unreachable and not self._answered:
+            return min(self.config.max_connect_retries, self.config.max_retries)
+        return self.config.max_retries
 
     def _call(self, request: Request, rid: str) -> tuple[str, str | None, int, int] | None:
         """One HTTP call; the (text, finish_reason, usage) of a well-formed response, or None."""

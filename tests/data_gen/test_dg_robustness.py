@@ -54,6 +54,21 @@ def test_closed_port_stops_with_one_line(tmp_path, capsys, dead_url, pipeline):
     assert report["this_run"]["sent"] == 3 * 5 * 2 and report["this_run"]["failed"] == 15
 
 
+@pytest.mark.parametrize("pipeline", ["alpaca", "self-instruct"])
+def test_closed_port_with_default_retries_stops_within_a_minute(tmp_path, capsys, dead_url, pipeline):
+    """The shipped retry settings (8 retries, backoff up to 60 s) would spend minutes per request
+    on a refused connection; an endpoint never reached gets teacher.max_connect_retries (2)."""
+    start = time.monotonic()
+    code = main(["generate", str(CONFIGS[pipeline]), f"teacher.base_url={dead_url}", f"output.dir={tmp_path}",
+                 "output.progress=false"])
+    elapsed = time.monotonic() - start
+    lines = capsys.readouterr().err.strip().splitlines()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == 1 and len(lines) == 1 and "APIConnectionError" in lines[0]
+    assert elapsed < 60, elapsed
+    assert report["this_run"]["retries"] == 2 * report["this_run"]["failed"]  # max_connect_retries each
+
+
 def test_dead_teacher_keeps_the_journal_and_a_rerun_resumes(tmp_path, capsys, fake_server, dead_url):
     server = fake_server()
     one = "pipeline.requests_per_round=1"
