@@ -208,6 +208,8 @@ def test_render_prompt_is_what_training_saw_before_each_answer(tokenizers_, temp
         prompt = render_prompt(messages, template)
         assert template.render(conv).text.startswith(prompt)
         assert encode_prompt(messages, template, tokenizer) == ids[0][:start].tolist()
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert render_prompt(system, "alpaca") == "Be brief.\n\n### Instruction:\nHi\n\n### Response:"
     vicuna = render_prompt([{"role": "user", "content": "Hi"}], "vicuna_v1.1")
     assert vicuna.endswith("questions. USER: Hi ASSISTANT:")
     with pytest.raises(ValueError, match="end with a user turn"):

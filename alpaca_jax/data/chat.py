@@ -8,7 +8,8 @@ else (system prompt, user turns, role headers, the separators around them) carri
 Templates, by name (`data.template`):
 - `alpaca`: the Stanford Alpaca prompt (templates.py) as a single-turn chat: the user turn is
   the instruction (its `input`, if any, goes in the `### Input:` block), then the response and
-  EOS. A conversation's system turn is not rendered (the Alpaca preamble plays that part).
+  EOS. A system turn replaces the preamble ("Below is an instruction ..."), as in the chat
+  template an export ships.
 - `vicuna_v1.1`: FastChat's `vicuna_v1.1` (sep_style ADD_COLON_TWO, sep " ", sep2 EOS):
   `SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>`, with FastChat's default system
   message when the conversation has none.
@@ -39,6 +40,7 @@ from alpaca_jax.data.records import DataError
 from alpaca_jax.data.templates import alpaca_prompt
 
 TEMPLATES = ("alpaca", "vicuna_v1.1", "koala", "tokenizer")
+INSTRUCTION_HEADER = "### Instruction:\n"
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 DEFAULT_EOS = "</s>"
@@ -83,15 +85,22 @@ class AlpacaTemplate(ChatTemplate):
                             f"or tokenizer for multi-turn data")
         return body[0]
 
+    def _prompt(self, conversation: Conversation, user: Turn) -> str:
+        prompt = alpaca_prompt(user.content, user.input)
+        if conversation.system is None:
+            return prompt
+        # A system turn replaces the preamble, before the same blank line (as the exported
+        # chat template does, alpaca_jax/hf/chat_template.py).
+        return conversation.system + "\n\n" + prompt[prompt.index(INSTRUCTION_HEADER):]
+
     def render(self, conversation: Conversation) -> Rendered:
         user = self._single_user(conversation, 2)
-        prompt = alpaca_prompt(user.content, user.input)
+        prompt = self._prompt(conversation, user)
         text = prompt + conversation.turns[-1].content + self.eos_token
         return Rendered(text, ((len(prompt), len(text)),), (len(text),), 0)
 
     def prompt(self, conversation: Conversation) -> str:
-        user = self._single_user(conversation, 1)
-        return alpaca_prompt(user.content, user.input)
+        return self._prompt(conversation, self._single_user(conversation, 1))
 
 
 class VicunaTemplate(ChatTemplate):
