@@ -330,3 +330,26 @@ def test_long_conversations_truncate_at_a_turn_boundary_or_split(tokenizers_):
     systems = {c.system or chat_template("vicuna_v1.1").render(c).text[:20] for c in convs}
     for x in ids:  # every piece re-rendered with its conversation's system turn
         assert any(tokenizer.decode(x[1:].tolist()).startswith(s) for s in systems)
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1.1", "koala"])
+def test_exported_chat_template_gives_the_training_prompt_ids(tokenizers_, name):
+    """What `export-hf` ships for a conversation-trained run: transformers' apply_chat_template
+    reproduces `encode_prompt` (and a whole conversation renders as training rendered it)."""
+    import copy
+
+    from alpaca_jax.hf.chat_template import role_colon_chat_template
+    template = chat_template(name)
+    tokenizer = copy.deepcopy(tokenizers_["byte_level"])
+    tokenizer.chat_template = role_colon_chat_template(template.system, template.user, template.assistant,
+                                                       add_bos=True)
+    for conv in _conversations(9):
+        conv = Conversation(tuple(Turn(t.role, t.content) for t in conv.turns))  # no Alpaca input at inference
+        messages = [{"role": t.role, "content": t.content} for t in conv.turns]
+        whole = tokenizer.apply_chat_template(messages, tokenize=False)
+        assert whole == "<s>" + template.render(conv).text
+        prompt = messages[:-1]
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+        assert list(ids) == encode_prompt(prompt, name, tokenizer)
+    with pytest.raises(Exception, match="alternating"):
+        tokenizer.apply_chat_template([{"role": "assistant", "content": "Hi"}], tokenize=False)
