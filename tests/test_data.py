@@ -26,7 +26,9 @@ def test_alpaca_templates_are_the_released_ones():
     assert alpaca_prompt("Say hi.", "") == (
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:")
-    assert alpaca_prompt("Say hi.", "   ") == alpaca_prompt("Say hi.")
+    # The original tests `input != ""`: a whitespace-only input still takes the with-input template.
+    assert alpaca_prompt("Say hi.", "   ") == alpaca_prompt("Say hi.", "x").replace("\nx\n", "\n   \n")
+    assert alpaca_prompt("Say hi.", "   ") != alpaca_prompt("Say hi.")
 
 
 def test_json_array_and_jsonl_load_the_same_rows(tmp_path):

@@ -37,7 +37,7 @@ from alpaca_jax.model import param_shapes
 from helpers import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = [  # no input, an input, a whitespace-only input (the no-input template, as alpaca_prompt)
+ROWS = [  # no input, an input, a whitespace-only input (the with-input template, as alpaca_prompt)
     {"instruction": "Add 4 and 5.", "input": "", "output": "9"},
     {"instruction": "Sort the numbers.", "input": "3, 1, 2", "output": "1, 2, 3"},
     {"instruction": "Name a colour.", "input": "  ", "output": "Blue."},

@@ -10,7 +10,8 @@ This renders exactly `alpaca_jax.data.templates` (the strings are imported, not 
   blank line;
 - the Alpaca `input` field is the template variable `input` (`apply_chat_template(..., input=...)`,
   or `chat_template_kwargs: {"input": ...}` in a request to `transformers serve` or vLLM); a
-  non-blank one selects the with-input template, exactly as `alpaca_prompt` does;
+  non-empty one (even whitespace only, as the original's `input != ""`) selects the with-input
+  template, exactly as `alpaca_prompt` does;
 - `### Response:` is the generation prompt; an `assistant` message after the user's renders the
   whole training example, the response then EOS;
 - BOS leads the text iff the run added BOS to its examples (`tokenizer.add_bos`); the template is
@@ -18,7 +19,9 @@ This renders exactly `alpaca_jax.data.templates` (the strings are imported, not 
 
 Multi-turn conversations are refused with an error naming the rule: an Alpaca run saw one
 instruction per example, and concatenating earlier turns would prompt it in a format it was never
-trained on. A conversation-trained run gets its conversation template once such runs exist.
+trained on. A conversation-trained run (`data.template` vicuna_v1.1 or koala) gets
+`role_colon_chat_template`, the same format as `alpaca_jax.data.chat`; a run trained with the
+tokenizer's own `chat_template` keeps it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 from alpaca_jax.data.templates import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 
 INSTRUCTION_HEADER = "### Instruction:\n"
+ALTERNATE = "messages must be an optional system message, then user and assistant messages alternating"
 SINGLE_TURN_ONLY = ("this model was trained on single-turn Alpaca prompts: send an optional "
                     "system message, then one user message (and, to render a training example, "
                     "one assistant message)")
@@ -71,8 +75,8 @@ def alpaca_chat_template(add_bos: bool) -> str:
         "{%- else -%}{{- raise_exception(", _literal(SINGLE_TURN_ONLY), ") -}}{%- endif -%}\n",
         "{%- endfor -%}\n",
         "{%- if ns.user is none -%}{{- raise_exception(", _literal(SINGLE_TURN_ONLY), ") -}}{%- endif -%}\n",
-        # `alpaca_prompt` takes the with-input template for a non-blank input only.
-        "{%- set has_input = input is defined and input is string and input.strip() != '' -%}\n",
+        # `alpaca_prompt` takes the with-input template for any non-empty input (the original's rule).
+        "{%- set has_input = input is defined and input is string and input != '' -%}\n",
         "{{- bos_token -}}\n" if add_bos else "",
         "{%- if ns.system is not none -%}{{- ns.system + ", _literal("\n\n"), " -}}\n",
         "{%- elif has_input -%}{{- ", _literal(preamble_input), " -}}\n",
@@ -82,4 +86,29 @@ def alpaca_chat_template(add_bos: bool) -> str:
         "{%- if ns.assistant is not none or add_generation_prompt -%}{{- ",
         _literal(response_header), " -}}{%- endif -%}\n",
         "{%- if ns.assistant is not none -%}{{- ns.assistant + eos_token -}}{%- endif -%}\n",
+    ])
+
+
+def role_colon_chat_template(system: str, user: str, assistant: str, add_bos: bool) -> str:
+    """Jinja for the Vicuna-shaped formats of `alpaca_jax.data.chat` (vicuna_v1.1, koala):
+    `SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT:`, the words imported from there, so
+    `apply_chat_template(..., add_generation_prompt=True)` gives `render_prompt`'s text."""
+    return "".join([
+        "{#- ", user, "/", assistant, " chat format, as alpaca-jax trained this model (alpaca_jax/data/chat.py) -#}\n",
+        "{%- if messages and messages[0]['role'] == 'system' -%}\n",
+        "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}\n",
+        "{%- else -%}{%- set system = ", _literal(system), " -%}{%- set turns = messages -%}{%- endif -%}\n",
+        "{{- bos_token -}}\n" if add_bos else "",
+        "{{- system + ' ' -}}\n",
+        "{%- for message in turns -%}\n",
+        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}\n",
+        "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
+        " | map(attribute='text') | join('') -%}{%- endif -%}\n",
+        "{%- if message['role'] == 'user' and loop.index0 % 2 == 0 -%}{{- ", _literal(user + ": "),
+        " + text + ' ' -}}\n",
+        "{%- elif message['role'] == 'assistant' and loop.index0 % 2 == 1 -%}{{- ", _literal(assistant + ": "),
+        " + text + eos_token -}}\n",
+        "{%- else -%}{{- raise_exception(", _literal(ALTERNATE), ") -}}{%- endif -%}\n",
+        "{%- endfor -%}\n",
+        "{%- if add_generation_prompt -%}{{- ", _literal(assistant + ":"), " -}}{%- endif -%}\n",
     ])

@@ -23,8 +23,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, processors
 
 from alpaca_jax.config import Config
+from alpaca_jax.data.chat import chat_template as training_template
 from alpaca_jax.data.tokenizer import load_tokenizer
-from alpaca_jax.hf.chat_template import alpaca_chat_template
+from alpaca_jax.hf.chat_template import alpaca_chat_template, role_colon_chat_template
 from alpaca_jax.hf.errors import ConversionError
 
 log = logging.getLogger("alpaca_jax")
@@ -62,7 +63,7 @@ def export_tokenizer(source: Path, out_dir: Path, files: tuple[str, ...],
     tokenizer_config["add_bos_token"] = add_bos  # LLaMA tokenizer classes build their post-processor from it
     tokenizer_config["add_eos_token"] = False    # EOS ends a response; the prompt never carries one
     tokenizer_config["model_max_length"] = config.model.max_position_embeddings
-    template = chat_template(config, add_bos)
+    template = chat_template(config, add_bos, getattr(trained, "chat_template", None))
     if template is not None:
         tokenizer_config["chat_template"] = template
     else:
@@ -72,10 +73,15 @@ def export_tokenizer(source: Path, out_dir: Path, files: tuple[str, ...],
             "pad_token_id": trained.pad_token_id}
 
 
-def chat_template(config: Config, add_bos: bool) -> str | None:
+def chat_template(config: Config, add_bos: bool, source_template: str | None = None) -> str | None:
     """The Jinja chat template for the run's prompt format, or None (with a warning) if it has none."""
     if config.data.template == "alpaca":
         return alpaca_chat_template(add_bos)
+    if config.data.template in ("vicuna_v1.1", "koala"):
+        template = training_template(config.data.template)
+        return role_colon_chat_template(template.system, template.user, template.assistant, add_bos)
+    if config.data.template == "tokenizer" and source_template:
+        return source_template  # the run's tokenizer's own template, as training rendered it
     log.warning("export: no chat template for data.template=%s; chat servers will refuse "
                 "chat requests to this export (completions still work)", config.data.template)
     return None
