@@ -232,7 +232,7 @@ def test_generator_completes_requests_against_the_served_export(server, tmp_path
     monkeypatch.setenv("OPENAI_API_KEY", "unused-by-a-local-server")
     config = load_config(REPO / "configs/generate/alpaca.yaml", [
         f"teacher.base_url={base_url}", f"teacher.model={model_name}", f"teacher.api={api}",
-        "teacher.max_tokens=8", "teacher.max_retries=0", "teacher.max_concurrency=2",
+        "sampling.instructions.max_tokens=8", "teacher.max_retries=0", "teacher.max_concurrency=2",
         "pipeline.requests_per_round=2", "pipeline.max_rounds=1", "pipeline.num_instructions=1",
         f"output.dir={tmp_path / 'out'}", "output.progress=false"])
     report = generate(config)
