@@ -17,6 +17,7 @@ examples:
   alpaca-jax import-hf /models/llama-2-7b-hf imported/llama2   # HF LLaMA dir -> our params
   alpaca-jax generate configs/generate/alpaca.yaml  # Self-Instruct data through a teacher LLM
   alpaca-jax dedup in.jsonl -o out.jsonl --threshold 0.7
+  alpaca-jax eval runs/a runs/b --data user_oriented_instructions.jsonl -o eval/ab --judge configs/judge/default.yaml
 """
 
 
@@ -75,6 +76,28 @@ def _parser() -> argparse.ArgumentParser:
     import_.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
                          help="one parameter subtree per layer (model.scan_layers=false)")
 
+    eval_ = sub.add_parser(
+        "eval", help="compare runs on an eval file: perplexity, generations, ROUGE-L, pairwise judge",
+        description="For each RUN (run dir, checkpoint, import-hf output, local HF dir, or an "
+                    "AlpacaEval model-outputs JSON file): perplexity on FILE's reference answers, "
+                    "generations for FILE's instructions saved in AlpacaEval's model-outputs layout, "
+                    "ROUGE-L against the references and, with --judge, a pairwise LLM judge of every "
+                    "run against the baseline (both answer orders; win rate, bootstrap 95% CI, "
+                    "per-category breakdown, position consistency). Writes OUT_DIR/results.json and "
+                    "OUT_DIR/results.md (one row per run). Rerun into the same OUT_DIR to resume: judge "
+                    "replies already paid for come from OUT_DIR/judge_journal.jsonl.",
+        epilog="FILE layouts: Alpaca JSON/JSONL, Self-Instruct user-oriented JSONL (categories from "
+               "motivation_app), AlpacaEval. See README 'Evaluation'.")
+    eval_.add_argument("runs", nargs="+", metavar="RUN", help="run dirs, checkpoints, HF dirs or model-outputs JSON files")
+    eval_.add_argument("--data", required=True, metavar="FILE", help="eval instructions (with or without reference outputs)")
+    eval_.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="results directory")
+    eval_.add_argument("--judge", metavar="CONFIG", help="judge YAML (e.g. configs/judge/default.yaml); omit to skip judging")
+    eval_.add_argument("--baseline", help="what every run is judged against: 'references' (default when "
+                                          "FILE has outputs) or one RUN (default otherwise: the first)")
+    eval_.add_argument("--max-new-tokens", type=int, default=256, help="generation length cap (default 256)")
+    eval_.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default 16)")
+    eval_.add_argument("--limit", type=int, help="only the first N instructions (smoke runs)")
+
     for name, text in (("generate", "generate instruction data with a teacher LLM (Self-Instruct / Alpaca)"),
                        ("dedup", "drop near-duplicate instructions by ROUGE-L (rouge-score semantics)")):
         sub.add_parser(name, help=text, add_help=False)
@@ -121,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             from alpaca_jax.plan import parse_bytes
             export_hf(args.source, args.out_dir, dtype=args.dtype,
                       max_shard_size=parse_bytes(args.max_shard_size))
+        elif args.command == "eval":
+            _eval(args)
         elif args.command == "import-hf":
             from alpaca_jax.hf import import_hf
             import_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
@@ -147,13 +172,22 @@ def _plan(args: argparse.Namespace) -> None:
     print(format_plan(plan_memory(cfg, devices), cfg, memory))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from alpaca_jax.eval import evaluate, load_judge_config, markdown_table
+    judge = load_judge_config(args.judge) if args.judge else None
+    results = evaluate(args.runs, args.data, args.out, judge=judge, baseline=args.baseline,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+    print(markdown_table(results), end="")
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the user's config or data: reported in one line, no traceback."""
     from alpaca_jax.checkpoint import CheckpointError
     from alpaca_jax.data.records import DataError
     from alpaca_jax.hf import ConversionError
+    from alpaca_jax.eval import EvalError, JudgeError
     from alpaca_jax.train.loop import TrainingError
-    return (ConfigError, DataError, TrainingError, CheckpointError, ConversionError)
+    return (ConfigError, DataError, TrainingError, CheckpointError, ConversionError, EvalError, JudgeError)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,12 @@ def _json_objects(path: Path) -> Iterator[tuple[int, object]]:
                 raise DataError(f"{path}:{line_no}: malformed JSON: {e.msg}") from None
 
 
+def json_rows(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each top-level row of a JSON array or JSONL file, unvalidated
+    (for readers of other row layouts, such as eval files); malformed JSON names file:line."""
+    return _json_objects(Path(path))
+
+
 def _require_str(row: dict, key: str, where: str, optional: bool = False) -> str:
     value = row.get(key, "" if optional else None)
     if value is None and optional:

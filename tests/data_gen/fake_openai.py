@@ -118,7 +118,8 @@ class FakeOpenAI:
     """Start with `start()`; `url` is the base_url for the openai client."""
 
     def __init__(self, fault_rate: float = 0.0, garbage_rate: float = 0.0, stall_s: float = 1.0,
-                 latency_s: float = 0.0, kinds: tuple[str, ...] = _FAULT_KINDS):
+                 latency_s: float = 0.0, kinds: tuple[str, ...] = _FAULT_KINDS, reply=scripted_reply):
+        self.reply = reply  # prompt -> (text, finish_reason); other tests (the eval judge) script their own
         self.fault_rate = fault_rate
         self.garbage_rate = garbage_rate
         self.stall_s = stall_s
@@ -194,7 +195,7 @@ class FakeOpenAI:
                 elif fault == "garbage":
                     self._send(200, b"<html>502 Bad Gateway</html>")
                 else:
-                    text, finish = scripted_reply(prompt)
+                    text, finish = fake.reply(prompt)
                     usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4,
                              "total_tokens": len(prompt) // 4 + len(text) // 4}
                     choice = ({"index": 0, "message": {"role": "assistant", "content": text},

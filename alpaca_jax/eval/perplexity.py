@@ -1,0 +1,36 @@
+"""Perplexity of a model on an eval file's reference answers.
+
+The same computation as the held-out loss during training (train/evaluate.py): examples
+tokenized with the model's own tokenizer and template, response tokens (and EOS) scored,
+packed into rows of the model's `max_len`, sum / count over the whole file.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import datasets
+import jax
+
+from alpaca_jax.data import special_ids, tokenize_dataset
+from alpaca_jax.eval.dataset import EvalItem
+from alpaca_jax.model import Llama
+from alpaca_jax.train.evaluate import EvalLoss, eval_batches, eval_step, mean_eval_loss
+
+__all__ = ["reference_loss"]
+
+
+def reference_loss(model, items: list[EvalItem], batch_size: int = 8) -> tuple[EvalLoss, dict]:
+    """(loss over the items' references, tokenize stats); `model` is an infer.LoadedModel."""
+    rows = [{"instruction": i.instruction, "input": i.input, "output": i.reference}
+            for i in items if i.reference is not None]
+    kept, stats = tokenize_dataset(datasets.Dataset.from_list(rows), model.tokenizer, model.max_len,
+                                   model.add_bos)
+    batches = eval_batches(list(kept["input_ids"]), list(kept["loss_mask"]), batch_size=batch_size,
+                           seq_len=model.max_len, pad_id=special_ids(model.tokenizer).pad,
+                           packing=True, pack_window=64)
+    step_fn = jax.jit(functools.partial(eval_step, model=Llama(model.config)))
+    place = lambda batch: {k: v[None] for k, v in batch.items()}  # noqa: E731 - [B, T] -> [1, B, T]
+    return mean_eval_loss(step_fn, model.params, batches, place, stats.kept), {
+        "examples": stats.examples, "scored": stats.kept, "truncated": stats.truncated,
+        "dropped": stats.dropped, "max_len": model.max_len}
