@@ -7,6 +7,11 @@ Two exact implementations of the same function (`ModelConfig.attention`):
   score FLOPs and memory at long lengths, no [B, 1, T, T] mask broadcast; the faster choice on
   CPU. It is plain jnp, so it also runs (and differentiates) everywhere.
 
+Decoding uses a third path, `cached_attention`: a `KVCache` holds the keys and values of every
+position seen so far, slot s holding position s of its row, so a query at position p attends to
+slots 0..p. The projections and rotary embeddings are the same code as in training; only the
+mask and where the keys come from differ.
+
 Einsum legend: B batch, T length (queries), S length (keys), D embed, N query heads,
 K kv heads, G query heads per kv head (N = K * G), H head dim, R rows of a query block
 (its queries times G).
@@ -15,6 +20,7 @@ K kv heads, G query heads per kv head (N = K * G), H head dim, R rows of a query
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -86,6 +92,33 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.
     raise ValueError(f"unknown attention implementation {implementation!r}")
 
 
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values for decoding: [B, S, K, H] each (with a leading [L] when stacked over
+    layers). Slot s of a row holds that row's token at position s (rows never share slots), so
+    rows of different lengths need no offsets: a prompt right-padded to the batch's longest is
+    exact, its padding slots are overwritten by generated tokens before any query reaches them."""
+    key: jax.Array
+    value: jax.Array
+
+
+def cached_attention(query: jax.Array, key: jax.Array, value: jax.Array, cache: KVCache,
+                     positions: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Write this call's keys/values at their positions [B, T], then attend over the cache.
+
+    [B, T, N, H] queries x [B, T, K, H] new keys/values -> [B, T, N, H], and the updated cache.
+    A query at position p sees slots 0..p: its own prompt and what its row generated so far.
+    """
+    rows = jnp.arange(query.shape[0])[:, None]  # [B, 1], broadcast against positions [B, T]
+    cache = KVCache(key=cache.key.at[rows, positions].set(key.astype(cache.key.dtype)),
+                    value=cache.value.at[rows, positions].set(value.astype(cache.value.dtype)))
+    slots = jnp.arange(cache.key.shape[1])
+    allowed = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    out = jax.nn.dot_product_attention(query, cache.key.astype(query.dtype),
+                                       cache.value.astype(query.dtype), mask=allowed[:, None])
+    return out, cache
+
+
 class Attention(nn.Module):
     num_heads: int
     num_kv_heads: int
@@ -96,7 +129,11 @@ class Attention(nn.Module):
     implementation: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None, cos: jax.Array, sin: jax.Array,
+                 positions: jax.Array | None = None, cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """[B, T, D] -> ([B, T, D], cache). Training passes segment ids and no cache (and gets
+        None back); decoding passes positions and a cache instead of segment ids."""
         embed = x.shape[-1]
         init = nn.initializers.normal(self.init_std)
         wq = param(self, "wq", init, (embed, self.num_heads, self.head_dim),
@@ -114,5 +151,8 @@ class Attention(nn.Module):
         value = dense(x, wv.astype(self.dtype))
         query = apply_rope(query, cos, sin)
         key = apply_rope(key, cos, sin)
-        out = attend(query, key, value, segment_ids, self.implementation)  # [B, T, N, H]
-        return dense(out, wo.astype(self.dtype), num_in=2)  # [B, T, D]
+        if cache is None:
+            out = attend(query, key, value, segment_ids, self.implementation)  # [B, T, N, H]
+        else:
+            out, cache = cached_attention(query, key, value, cache, positions)
+        return dense(out, wo.astype(self.dtype), num_in=2), cache  # [B, T, D]
