@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from judge_fakes import CATEGORIES, ScriptedJudge, fake_openai
 
@@ -45,3 +46,36 @@ def eval_files(tmp_path, monkeypatch):
 
     return {"data": data, "good": outputs("good", "GOOD answer {i}, the reference {i}"),
             "plain": outputs("plain", "plain answer {i}"), "rows": rows}
+
+
+WORDS = ("river mountain poem recipe budget email planet garden bicycle contract vaccine festival "
+         "museum novel climate harbor volcano galaxy orchestra ferry modern ancient urban rural").split()
+
+
+def _rows(rng: np.random.Generator, n: int, tag: str) -> list[dict]:
+    def words(k):
+        return " ".join(rng.choice(WORDS, k))
+    return [{"instruction": f"Task {tag}{i}: describe the {words(3)}.",
+             "input": words(4) if i % 3 == 0 else "", "output": f"{words(int(rng.integers(3, 12)))}."}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def held_out_run(tmp_path_factory):
+    """40 training rows (a quarter held out) + an eval file of 6 rows, one of which is also
+    in the training file; 6 steps with an eval every 3, micro-batched and packed."""
+    from alpaca_jax.config import load_config
+    from alpaca_jax.train import train
+    root = tmp_path_factory.mktemp("held_out")
+    rng = np.random.default_rng(0)
+    eval_rows = _rows(rng, 6, "e")
+    train_rows = _rows(rng, 40, "t") + [eval_rows[2]]
+    (root / "train.json").write_text(json.dumps(train_rows))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    cfg = load_config(None, [
+        f"run.dir={root / 'run'}", f"data.train_files=[{root / 'train.json'}]",
+        f"data.eval_files=[{root / 'eval.jsonl'}]", "data.eval_fraction=0.25", "data.max_len=192",
+        "model.vocab_size=384", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
+        "train.batch_size=4", "train.grad_accum=2", "train.max_steps=6", "train.eval_every=3",
+        "train.log_every=100", "train.progress_bar=false", "run.tensorboard=false", "checkpoint.every=null"])
+    return cfg, train(cfg)

@@ -3,48 +3,15 @@ over the held-out rows, and those rows never reach a training batch."""
 
 from __future__ import annotations
 
-import json
-
 import jax
 import numpy as np
 import pytest
 
-from alpaca_jax.config import load_config
 from alpaca_jax.data import load_instruction_dataset
 from alpaca_jax.data.split import held_out_split
 from alpaca_jax.model import Llama
-from alpaca_jax.train import read_metrics, train
+from alpaca_jax.train import read_metrics
 from alpaca_jax.train.loop import build_batches
-
-WORDS = ("river mountain poem recipe budget email planet garden bicycle contract vaccine festival "
-         "museum novel climate harbor volcano galaxy orchestra ferry modern ancient urban rural").split()
-
-
-def _rows(rng: np.random.Generator, n: int, tag: str) -> list[dict]:
-    def words(k):
-        return " ".join(rng.choice(WORDS, k))
-    return [{"instruction": f"Task {tag}{i}: describe the {words(3)}.",
-             "input": words(4) if i % 3 == 0 else "", "output": f"{words(int(rng.integers(3, 12)))}."}
-            for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def held_out_run(tmp_path_factory):
-    """40 training rows (a quarter held out) + an eval file of 6 rows, one of which is also
-    in the training file; 6 steps with an eval every 3, micro-batched and packed."""
-    root = tmp_path_factory.mktemp("held_out")
-    rng = np.random.default_rng(0)
-    eval_rows = _rows(rng, 6, "e")
-    train_rows = _rows(rng, 40, "t") + [eval_rows[2]]
-    (root / "train.json").write_text(json.dumps(train_rows))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
-    cfg = load_config(None, [
-        f"run.dir={root / 'run'}", f"data.train_files=[{root / 'train.json'}]",
-        f"data.eval_files=[{root / 'eval.jsonl'}]", "data.eval_fraction=0.25", "data.max_len=128",
-        "model.vocab_size=384", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
-        "train.batch_size=4", "train.grad_accum=2", "train.max_steps=6", "train.eval_every=3",
-        "train.log_every=100", "train.progress_bar=false", "run.tensorboard=false", "checkpoint.every=null"])
-    return cfg, train(cfg)
 
 
 def _direct_mean_loss(cfg, params, input_ids, loss_mask) -> float:
