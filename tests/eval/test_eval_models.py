@@ -43,3 +43,28 @@ def test_eval_of_a_trained_run_end_to_end(tmp_path, held_out_run, judge_server, 
     assert [r["output"] for r in again] == [r["output"] for r in outputs]  # greedy is deterministic
     assert results["baseline"] == "run" and second["judge"]["win_rate"] == 0.5
     assert len(judge.shown) == 2 * len(split.eval)
+
+
+def test_compare_runs_notebook_runs_on_a_real_kernel(tmp_path, held_out_run, eval_files, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    from alpaca_jax.train import read_metrics
+    from conftest import REPO
+    cfg, _ = held_out_run
+    twin = tmp_path / "twin"  # a second run directory: the same metrics under another name
+    twin.symlink_to(cfg.run.path, target_is_directory=True)
+    evaluate([str(eval_files["good"]), str(eval_files["plain"])], str(eval_files["data"]), tmp_path / "eval",
+             progress=False)
+    monkeypatch.setenv("ALPACA_RUN_DIRS", f"{cfg.run.path}:{twin}")
+    monkeypatch.setenv("ALPACA_EVAL_DIR", str(tmp_path / "eval"))
+    notebook = nbformat.read(REPO / "notebooks" / "compare_runs.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    last_eval = [m for m in read_metrics(cfg.run.path) if "eval_loss" in m][-1]
+    for name in ("run", "twin"):
+        assert f"{name}: {last_eval['tokens_seen']:,} tokens" in printed
+    assert f"eval loss {last_eval['eval_loss']:.4f}" in printed
+    assert "| good |" in printed and "| plain |" in printed
+    assert (cfg.run.path / "compare_runs.png").stat().st_size > 1000
