@@ -108,7 +108,27 @@ def evaluate(runs: list[str], data: str, out_dir: str | Path, *, judge: JudgeCon
         why = (f"{data} has no reference outputs" if not with_refs
                else f"{len(items) - len(with_refs)} of {len(items)} rows of {data} have no reference output")
         skipped = {"perplexity": why, "rouge_l": why}
+    if judge is not None and baseline == REFERENCES and not has_refs:
+        raise EvalError(f"--baseline {REFERENCES}: {data} has no reference outputs to judge against")
+    # Opened before any generation: a missing API key should not wait for minutes of decoding.
+    teacher = open_judge(judge, out_dir) if judge is not None else None
+    try:
+        rows, outputs = _answer_all(runs, items, out_dir, sampling, max_new_tokens, batch_size, has_refs)
+        results = {"data": str(data), "instructions": len(items), "references": has_refs,
+                   "skipped": skipped, "baseline": None, "runs": rows}
+        if teacher is not None:
+            results.update(_judge(teacher, judge, items, runs, rows, outputs, baseline, has_refs, data, progress))
+    finally:
+        if teacher is not None:
+            teacher.journal.close()
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "results.md").write_text(markdown_table(results), encoding="utf-8")
+    return results
 
+
+def _answer_all(runs, items, out_dir: Path, sampling, max_new_tokens: int, batch_size: int,
+                has_refs: bool) -> tuple[list[dict], list[list[str]]]:
+    """Every run's answers and scores (one result row per run), outputs files written."""
     rows, outputs, taken = [], [], set()
     for run in runs:
         path = Path(run)
@@ -128,17 +148,10 @@ def evaluate(runs: list[str], data: str, out_dir: str | Path, *, judge: JudgeCon
         rows.append(row)
         outputs.append(answers)
         log.info("%s: perplexity %s, ROUGE-L %s", name, row["perplexity"], row["rouge_l"])
-
-    results = {"data": str(data), "instructions": len(items), "references": has_refs,
-               "skipped": skipped, "baseline": None, "runs": rows}
-    if judge is not None:
-        results.update(_judge(judge, out_dir, items, runs, rows, outputs, baseline, has_refs, data, progress))
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "results.md").write_text(markdown_table(results), encoding="utf-8")
-    return results
+    return rows, outputs
 
 
-def _judge(cfg: JudgeConfig, out_dir: Path, items, runs, rows, outputs, baseline, has_refs, data,
+def _judge(teacher, cfg: JudgeConfig, items, runs, rows, outputs, baseline, has_refs, data,
            progress: bool) -> dict:
     """Every run but the baseline against the baseline; fills each row's `judge` entry."""
     names = [r["name"] for r in rows]
@@ -147,14 +160,9 @@ def _judge(cfg: JudgeConfig, out_dir: Path, items, runs, rows, outputs, baseline
     contenders = [k for k in range(len(rows)) if k != base_index]
     matchups = [Matchup(names[k], base_name, [i.question for i in items], outputs[k], base_outputs,
                         [i.category for i in items]) for k in contenders]
-    teacher = open_judge(cfg, out_dir)
     from tqdm.auto import tqdm
-    bar = tqdm(total=2 * len(items) * len(matchups), desc="judge", unit="req", disable=not progress)
-    try:
+    with tqdm(total=2 * len(items) * len(matchups), desc="judge", unit="req", disable=not progress) as bar:
         verdicts = judge_matchups(teacher, cfg, matchups, on_done=lambda: bar.update(1))
-    finally:
-        bar.close()
-        teacher.journal.close()
     for k, pairs in zip(contenders, verdicts):
         rows[k]["judge"] = summarize(pairs, cfg.pairwise.bootstrap_samples, cfg.pairwise.seed)
     stats = teacher.stats

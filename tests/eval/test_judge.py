@@ -104,3 +104,16 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     low, high = bootstrap_interval(wins, np.ones(n), samples=4000, seed=1)
     mean, half = wins.mean(), 1.96 * np.sqrt(wins.mean() * (1 - wins.mean()) / n)
     assert low == pytest.approx(mean - half, abs=0.01) and high == pytest.approx(mean + half, abs=0.01)
+
+
+def test_the_shipped_judge_config_and_prompt_load(tmp_path):
+    from alpaca_jax.configlib import ConfigError
+    from alpaca_jax.eval.config import JUDGE_CONFIG_DIR, load_prompt
+    cfg = load_judge_config(JUDGE_CONFIG_DIR / "default.yaml")
+    assert cfg.judge.api == "chat" and cfg.judge.temperature == 0.0
+    prompt = load_prompt(cfg.pairwise)
+    assert all(p in prompt for p in ("{instruction}", "{output_a}", "{output_b}", "Verdict: tie"))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Which is better? {output_a} {output_b}")
+    with pytest.raises(ConfigError, match=r"lacks the placeholder\(s\) \{instruction\}"):
+        load_judge_config(JUDGE_CONFIG_DIR / "default.yaml", [f"pairwise.prompt={bad}"])
