@@ -63,7 +63,8 @@ def _rows(rng: np.random.Generator, n: int, tag: str) -> list[dict]:
 @pytest.fixture(scope="session")
 def held_out_run(tmp_path_factory):
     """40 training rows (a quarter held out) + an eval file of 6 rows, one of which is also
-    in the training file; 6 steps with an eval every 3, micro-batched and packed."""
+    in the training file; 6 steps with an eval every 3, micro-batched and packed; checkpoints
+    at 3 and 6, keeping the latest and the best."""
     from alpaca_jax.config import load_config
     from alpaca_jax.train import train
     root = tmp_path_factory.mktemp("held_out")
@@ -77,5 +78,6 @@ def held_out_run(tmp_path_factory):
         f"data.eval_files=[{root / 'eval.jsonl'}]", "data.eval_fraction=0.25", "data.max_len=192",
         "model.vocab_size=384", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
         "train.batch_size=4", "train.grad_accum=2", "train.max_steps=6", "train.eval_every=3",
-        "train.log_every=100", "train.progress_bar=false", "run.tensorboard=false", "checkpoint.every=null"])
+        "train.log_every=100", "train.progress_bar=false", "run.tensorboard=false", "checkpoint.every=3",
+        "checkpoint.keep=1", "checkpoint.keep_best=true"])
     return cfg, train(cfg)

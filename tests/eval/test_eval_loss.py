@@ -78,3 +78,12 @@ def test_a_training_row_equal_to_an_eval_file_row_is_not_trained_on(held_out_run
     split = held_out_split(ds, 0.0, 0, load_instruction_dataset(cfg.data.eval_files))
     assert split.duplicates_dropped == 1 and len(split.train) == 40 and len(split.eval) == 6
     assert not set(split.train["instruction"]) & set(split.eval["instruction"])
+
+
+def test_keep_best_keeps_the_checkpoint_with_the_lowest_eval_loss(held_out_run):
+    from alpaca_jax.checkpoint import Checkpointer
+    cfg, _ = held_out_run
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(cfg.run.path) if "eval_loss" in r}
+    assert set(evals) == {3, 6}  # every checkpoint step was an eval step
+    kept = set(Checkpointer(cfg.run.path, read_only=True).all_steps())
+    assert kept == {6, min(evals, key=evals.get)}  # keep=1 (the latest) + the best by eval loss
