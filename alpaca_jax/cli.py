@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("jax._src.xla_bridge", "datasets", "absl"):
+    for noisy in ("jax._src.xla_bridge", "datasets", "absl", "httpx", "httpx2"):  # httpx: one line per judge request
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command == "train":
