@@ -26,9 +26,9 @@ from alpaca_jax.data import (BatchIterator, alpaca_prompt, get_tokenizer, load_i
 from alpaca_jax.data.split import held_out_split
 from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
 from alpaca_jax.model import Llama, logical_axes
+from alpaca_jax.train.evaluate import eval_batches, eval_step, mean_eval_loss
 from alpaca_jax.train.metrics import MetricsWriter
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
-from alpaca_jax.train.evaluate import eval_batches, eval_step, mean_eval_loss
 from alpaca_jax.train.state import TrainState, create_train_state, fresh_train_state, state_shardings
 from alpaca_jax.train.step import train_step
 
