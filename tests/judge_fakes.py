@@ -45,8 +45,8 @@ def prefers_good(a: str, b: str) -> str:
 
 
 def write_judge_config(path: Path, url: str, **judge) -> Path:
-    settings = {"model": "fake-judge", "api": "chat", "base_url": url, "temperature": 0.0,
-                "max_tokens": 64, "max_concurrency": 4, "max_retries": 1, "backoff_initial_s": 0.01,
-                "backoff_max_s": 0.02, "timeout_s": 5.0, **judge}
-    path.write_text(json.dumps({"judge": settings, "pairwise": {"bootstrap_samples": 500}}))
+    settings = {"model": "fake-judge", "api": "chat", "base_url": url, "max_concurrency": 4, "max_retries": 1,
+                "max_connect_retries": 0, "backoff_initial_s": 0.01, "backoff_max_s": 0.02, "timeout_s": 5.0, **judge}
+    path.write_text(json.dumps({"judge": settings, "sampling": {"temperature": 0.0, "max_tokens": 64},
+                                "pairwise": {"bootstrap_samples": 500}}))
     return path

@@ -1,8 +1,8 @@
 """The judge's configuration: which OpenAI-compatible model judges, with what prompt and budget.
 
 The `judge` section is the generator's `TeacherConfig` (data_gen/config.py), because the judge
-*is* a teacher client: same server settings, retries, concurrency. `budget` is the generator's
-`BudgetConfig`. The shipped example, every key documented, is `configs/judge/default.yaml`.
+*is* a teacher client: same server settings, retries, concurrency; `sampling` and `budget` are
+the generator's `SamplingConfig` and `BudgetConfig`. The shipped example, every key documented, is `configs/judge/default.yaml`.
 
 Not here: asking the judge (judge.py) or scoring its verdicts (stats.py).
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alpaca_jax.configlib import ConfigError, apply_overrides, build, load_yaml
-from data_gen.config import BudgetConfig, TeacherConfig
+from data_gen.config import BudgetConfig, SamplingConfig, TeacherConfig
 
 __all__ = ["PairwiseConfig", "JudgeConfig", "load_judge_config", "JUDGE_CONFIG_DIR", "PLACEHOLDERS"]
 
@@ -39,14 +39,15 @@ class PairwiseConfig:
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    judge: TeacherConfig = field(default_factory=lambda: TeacherConfig(
-        model="gpt-4o-mini", api="chat", temperature=0.0, max_tokens=512))
+    judge: TeacherConfig = field(default_factory=lambda: TeacherConfig(model="gpt-4o-mini", api="chat"))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=512))
     pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self):
         if self.budget.max_cost_usd is not None and self.judge.model not in self.budget.prices:
             raise ConfigError(f"budget.max_cost_usd needs budget.prices.{self.judge.model}")
+        self.sampling.check("judge")
 
 
 def load_judge_config(path: str | Path, overrides: list[str] = ()) -> JudgeConfig:

@@ -68,11 +68,11 @@ def judge_prompt(template: str, instruction: str, output_a: str, output_b: str) 
             .replace("{output_a}", output_a).replace("{output_b}", output_b))
 
 
-def _requests(matchup: Matchup, template: str) -> list[tuple[Request, Request]]:
+def _requests(matchup: Matchup, template: str, sampling: dict) -> list[tuple[Request, Request]]:
     """Both orders of every instruction; the key says which pair, instruction and order."""
     base = f"judge/{matchup.name_x}/vs/{matchup.name_y}"
-    return [(Request(f"{base}/{i}/x_first", judge_prompt(template, text, x, y)),
-             Request(f"{base}/{i}/y_first", judge_prompt(template, text, y, x)))
+    return [(Request.build(f"{base}/{i}/x_first", judge_prompt(template, text, x, y), sampling, stop=[]),
+             Request.build(f"{base}/{i}/y_first", judge_prompt(template, text, y, x), sampling, stop=[]))
             for i, (text, x, y) in enumerate(zip(matchup.instructions, matchup.outputs_x, matchup.outputs_y))]
 
 
@@ -97,20 +97,20 @@ def judge_matchups(teacher: Teacher, cfg: JudgeConfig, matchups: list[Matchup],
                    on_done: Callable[[], None] | None = None) -> list[list[PairVerdicts]]:
     """Every instruction of every matchup in both orders; the verdicts per matchup."""
     template = load_prompt(cfg.pairwise)
-    pairs = [_requests(m, template) for m in matchups]
+    sampling = dataclasses.asdict(cfg.sampling)
+    pairs = [_requests(m, template, sampling) for m in matchups]
     flat = [r for pair_list in pairs for pair in pair_list for r in pair]
     if not flat:
         return [[] for _ in matchups]
-    where = cfg.judge.base_url or "api.openai.com"
     try:
         # One request first: a judge that cannot be reached fails once, not once per request.
         replies = teacher.complete(flat[:1], on_done)
-        if replies[flat[0].key] is None and any(e in teacher.stats.errors for e in _UNREACHABLE):
-            errors = ", ".join(f"{k} x{v}" for k, v in teacher.stats.errors.items())
-            raise JudgeError(f"judge at {where} cannot be reached ({errors}); check judge.base_url")
+        if replies.get(flat[0].key) is None and any(e in teacher.stats.errors for e in _UNREACHABLE):
+            raise JudgeError(f"judge at {teacher.endpoint} cannot be reached ({teacher.last_error}); "
+                             f"check judge.base_url")
         replies.update(teacher.complete(flat[1:], on_done))
     except TeacherFatalError as e:
-        raise JudgeError(f"judge at {where}: {e}") from None
+        raise JudgeError(f"judge at {teacher.endpoint}: {e}") from None
     results = []
     for matchup, pair_list in zip(matchups, pairs):
         verdicts = []

@@ -80,7 +80,7 @@ BAD_INPUT = [  # (case, extra files, command tail, words the one-line message mu
     ("missing eval file", lambda t, f: [str(f["good"]), "--data", str(t / "nope.jsonl")],
      ["eval data file not found", "nope.jsonl"]),
     ("unreachable judge", lambda t, f: [str(f["good"]), "--data", str(f["data"]), "--judge",
-                                        str(write_judge_config(t / "j.yaml", URL, max_retries=0))],
+                                        str(write_judge_config(t / "j.yaml", URL, max_connect_retries=2))],
      ["judge at", "cannot be reached", "127.0.0.1"]),
     ("missing judge config", lambda t, f: [str(f["good"]), "--data", str(f["data"]), "--judge", str(t / "j2.yaml")],
      ["config file not found", "j2.yaml"]),

@@ -110,7 +110,7 @@ def test_the_shipped_judge_config_and_prompt_load(tmp_path):
     from alpaca_jax.configlib import ConfigError
     from alpaca_jax.eval.config import JUDGE_CONFIG_DIR, load_prompt
     cfg = load_judge_config(JUDGE_CONFIG_DIR / "default.yaml")
-    assert cfg.judge.api == "chat" and cfg.judge.temperature == 0.0
+    assert cfg.judge.api == "chat" and cfg.sampling.temperature == 0.0
     prompt = load_prompt(cfg.pairwise)
     assert all(p in prompt for p in ("{instruction}", "{output_a}", "{output_b}", "Verdict: tie"))
     bad = tmp_path / "bad.txt"
