@@ -1,7 +1,7 @@
 """Benchmark: the work of `alpaca-jax eval` with a small model, ours vs transformers, one run.
 
-One random-init small LLaMA (hidden 256, 4 layers, 8 heads / 4 KV heads, MLP 688, vocab 4096;
-a byte-level BPE trained on the Alpaca text) is written once as a Hugging Face directory; both
+One random-init small LLaMA (our `tiny` preset: hidden 128, 4 layers, 4 heads / 2 KV heads, MLP
+352, vocab 2048; a byte-level BPE trained on the Alpaca text) is written once as a Hugging Face directory; both
 sides load that same directory, so they hold identical weights:
 
     eval_loss   mean response-token loss over the Alpaca demo rows (../shared/data/alpaca_en_demo.json,
@@ -38,10 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 
-SHAPES = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-              num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-6,
+# Our `tiny` preset (configs/model/tiny.yaml): the model the README's first command trains.
+SHAPES = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
               tie_word_embeddings=False)
-VOCAB = 4096
+VOCAB = 2048
 
 
 def _build_model(directory: Path, rows) -> None:
