@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -176,6 +177,7 @@ def main() -> None:
                               "speedup_cold": hf_gen_s / gen_cold_s}
         print(json.dumps(result["generate"], indent=1), flush=True)
 
+    result["load_average_at_end"] = list(os.getloadavg())  # other work sharing the cores makes figures indicative
     result["cpu"] = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"],
                                    capture_output=True, text=True).stdout.strip()
     result["python"] = platform.python_version()
