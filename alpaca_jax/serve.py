@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from alpaca_jax.configlib import ConfigError
 from alpaca_jax.infer import LoadedModel, PromptTooLongError, Row, SamplingConfig, encode_prompt
 from alpaca_jax.infer.batcher import BatchingEngine
 from alpaca_jax.infer.conversation import ConversationError, conversation_prompt
@@ -346,7 +347,7 @@ def api_key_from_env(name: str | None) -> str | None:
         return None
     key = os.environ.get(name)
     if not key:
-        raise RequestError(f"--api-key-env {name}: the environment variable {name} is not set or empty")
+        raise ConfigError(f"--api-key-env {name}: the environment variable {name} is not set or empty")
     return key
 
 
