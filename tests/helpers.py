@@ -51,7 +51,7 @@ def make_tiny_run(root: Path, seed: int = 0, **model_overrides) -> Path:
     from alpaca_jax.checkpoint import save_params
     from alpaca_jax.config import Config, TokenizerConfig, save_config
     from alpaca_jax.data.tokenizer import train_bpe_tokenizer
-    cfg = Config(model=tiny_model(vocab_size=512, max_position_embeddings=192, **model_overrides),
+    cfg = Config(model=tiny_model(**{"vocab_size": 512, "max_position_embeddings": 192, **model_overrides}),
                  tokenizer=TokenizerConfig(add_bos=True))
     root.mkdir(parents=True)
     save_params(root, random_params(cfg.model, seed))

@@ -14,7 +14,7 @@ from alpaca_jax.config import ModelConfig
 from alpaca_jax.model.attention import KVCache
 from alpaca_jax.model.layers import DTYPES
 
-MIN_LENGTH_BUCKET = 16   # shortest prompt/cache length compiled for (tokens)
+MIN_LENGTH_BUCKET = 64   # shortest prompt/cache length compiled for (tokens; short prompts share one shape)
 
 # Logical axes of the stacked cache (the same vocabulary as the parameters and batches).
 CACHE_AXES = P("layers", "batch", "length", "kv_heads", "head_dim")
