@@ -16,7 +16,6 @@ import pytest
 from alpaca_jax.infer import load_model
 from alpaca_jax.infer.conversation import conversation_prompt
 from alpaca_jax.serve import ServeConfig, ServerThread, make_app
-from helpers import make_tiny_run
 
 NAME = "tiny"
 
@@ -154,10 +153,11 @@ def test_api_key_is_required_when_configured(tiny_model_loaded):
         assert good.completions.create(model=NAME, prompt="hi", max_tokens=2).usage.completion_tokens <= 2
 
 
-def test_generate_uses_serve_as_its_teacher(tmp_path, monkeypatch):
-    """The closed Self-Instruct loop: `alpaca-jax generate` against `serve` of a tiny model."""
+def test_generate_uses_serve_as_its_teacher(tmp_path, monkeypatch, long_context_run):
+    """The closed Self-Instruct loop: `alpaca-jax generate` against `serve` of a tiny model
+    (its context holds the generator's few-shot prompt)."""
     from alpaca_jax.cli import main
-    model = load_model(make_tiny_run(tmp_path / "teacher-run", max_position_embeddings=2048))
+    model = load_model(long_context_run)
     with ServerThread(make_app(model, ServeConfig(model_name="teacher"))) as running:
         monkeypatch.setenv("TEACHER_KEY", "unused")
         out = tmp_path / "generated"
