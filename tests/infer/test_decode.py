@@ -4,6 +4,11 @@ sampling settings, stop strings, streaming, limits."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -146,3 +151,16 @@ def test_load_model_from_run_checkpoint_and_hf(tmp_path, tiny_run):
     assert run.config == dataclasses.replace(hf.config, preset=run.config.preset)
     sampling = SamplingConfig(max_new_tokens=10)
     assert generate(run, PROMPTS[:1], sampling)[0].token_ids == generate(hf, PROMPTS[:1], sampling)[0].token_ids
+
+
+def test_decoding_with_params_on_a_training_mesh(tiny_run):
+    """Params placed by the training rules on fsdp=2 x tensor=2 (4 fake devices): same tokens."""
+    worker = Path(__file__).with_name("mesh_decode_worker.py")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": os.pathsep.join([str(worker.parents[2]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(worker), str(tiny_run)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["sharded"] == report["single"]
+    assert report["wq_devices"] == 4 and report["wq_shard"][0] < 32  # embed really split (fsdp)
