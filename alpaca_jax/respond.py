@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from alpaca_jax.data.records import DataError, read_records
+from alpaca_jax.data.records import DataError, read_records, resolve_data_path
 from alpaca_jax.data.templates import alpaca_prompt
 from alpaca_jax.infer import SamplingConfig, generate, load_model
 
@@ -58,7 +58,7 @@ def respond(source: str | Path, input_path: str | Path, output_path: str | Path,
             sampling: SamplingConfig = SamplingConfig(), *, batch_size: int = 16,
             progress: bool = True) -> int:
     """Answer the rows of `input_path` not yet in `output_path`; returns how many were answered now."""
-    rows = read_records(Path(input_path), require_output=False)
+    rows = read_records(resolve_data_path(str(input_path)), require_output=False)
     output = Path(output_path)
     done = _answered(output, rows)
     todo = [i for i in range(len(rows)) if i not in done]

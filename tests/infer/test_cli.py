@@ -92,3 +92,26 @@ def test_chat_streams_and_ctrl_c_stops_the_answer_not_the_session(long_context_r
     finally:
         process.kill()
     assert b"Traceback" not in process.stderr.read()
+
+
+BAD_INPUT = [  # (arguments, words the one-line message must contain)
+    (["respond", "{missing}", "--input", "{rows}", "-o", "{out}"], "model directory not found"),
+    (["respond", "{run}", "--input", "{missing}", "-o", "{out}"], "data file not found"),
+    (["respond", "{run}", "--input", "{rows}", "-o", "{out}", "--top-p", "3"], "top_p"),
+    (["respond", "{run}", "--input", "{bad_rows}", "-o", "{out}"], "bad.jsonl:2"),
+    (["chat", "{missing}"], "model directory not found"),
+    (["serve", "{run}", "--api-key-env", "ALPACA_JAX_UNSET_KEY"], "ALPACA_JAX_UNSET_KEY"),
+]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_run, capsys, monkeypatch):
+    from alpaca_jax.cli import main
+    monkeypatch.delenv("ALPACA_JAX_UNSET_KEY", raising=False)
+    (tmp_path / "rows.jsonl").write_text('{"instruction": "Hi"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "Hi"}\n{"instruction": 3}\n')
+    paths = {"missing": tmp_path / "nope", "rows": tmp_path / "rows.jsonl", "bad_rows": tmp_path / "bad.jsonl",
+             "out": tmp_path / "out.jsonl", "run": tiny_run}
+    for args, words in BAD_INPUT:
+        code = main([a.format(**paths) for a in args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], (args, err)
