@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from alpaca_jax.configlib import ConfigError
-from alpaca_jax.infer import LoadedModel, PromptTooLongError, Row, SamplingConfig, encode_prompt
+from alpaca_jax.infer import LoadedModel, PromptError, PromptTooLongError, Row, SamplingConfig, encode_prompt
 from alpaca_jax.infer.batcher import BatchingEngine
 from alpaca_jax.infer.conversation import ConversationError, conversation_prompt
 
@@ -154,8 +154,9 @@ class _Server:
             samplings, stream = _sampling(body, remaining if chat else 16, remaining)
         except RequestError as e:
             return _error_response(str(e), e.status, e.param, e.code)
-        except PromptTooLongError as e:
-            return _error_response(str(e), param="messages" if chat else "prompt", code="context_length_exceeded")
+        except PromptError as e:
+            return _error_response(str(e), param="messages" if chat else "prompt",
+                                   code="context_length_exceeded" if isinstance(e, PromptTooLongError) else None)
         include_usage = bool(isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage"))
         reply = _Reply(chat, self.name, len(prompt_ids))
         if stream:

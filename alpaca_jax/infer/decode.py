@@ -26,7 +26,11 @@ from alpaca_jax.infer.text import TextTracker
 from alpaca_jax.model import Llama
 
 
-class PromptTooLongError(ValueError):
+class PromptError(ValueError):
+    """A prompt that cannot be decoded (empty, or too long); the message says which."""
+
+
+class PromptTooLongError(PromptError):
     """A prompt leaves no room in the model's context for even one generated token."""
 
 
@@ -69,6 +73,8 @@ def _decode_step(params, tokens, positions, cache, seeds, temperature, top_k, to
 def encode_prompt(model: LoadedModel, prompt: str) -> list[int]:
     """Prompt ids, checked to leave room for at least one generated token."""
     ids = model.encode(prompt)
+    if not ids:
+        raise PromptError("the prompt is empty (and the model takes no BOS token)")
     if len(ids) >= model.max_len:
         raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the model's context is "
                                  f"{model.max_len} tokens, and at least one must be left to generate")
@@ -89,6 +95,8 @@ def decode_rows(model: LoadedModel, rows: Sequence[Row], max_batch: int = 16) ->
     """Decode every row together (len(rows) <= max_batch) and return their completions in order."""
     assert 0 < len(rows) <= max_batch, (len(rows), max_batch)
     lengths = [len(r.prompt_ids) for r in rows]
+    if min(lengths) == 0:
+        raise PromptError("a prompt has no tokens")
     if max(lengths) >= model.max_len:
         raise PromptTooLongError(f"a prompt has {max(lengths)} tokens; the context is {model.max_len}")
     budgets = [min(r.sampling.max_new_tokens, model.max_len - n) for r, n in zip(rows, lengths)]
