@@ -86,7 +86,7 @@ def _require_str(row: dict, key: str, where: str, optional: bool = False) -> str
     return value
 
 
-def _alpaca_rows(line: int, row: object, path: Path, fmt: str) -> list[dict[str, str]]:
+def _alpaca_rows(line: int, row: object, path: Path, fmt: str, require_output: bool = True) -> list[dict[str, str]]:
     where = f"{path}:{line}"
     if not isinstance(row, dict):
         raise DataError(f"{where}: each row must be a JSON object, got {type(row).__name__}")
@@ -94,13 +94,13 @@ def _alpaca_rows(line: int, row: object, path: Path, fmt: str) -> list[dict[str,
     instruction = _require_str(row, "instruction", where)
     if not is_seed:
         return [{"instruction": instruction, "input": _require_str(row, "input", where, optional=True),
-                 "output": _require_str(row, "output", where)}]
+                 "output": _require_str(row, "output", where, optional=not require_output)}]
     instances = row.get("instances")
     if not isinstance(instances, list) or not instances:
         raise DataError(f"{where}: field 'instances' must be a non-empty list")
     return [{"instruction": instruction,
              "input": _require_str(inst, "input", where, optional=True) if isinstance(inst, dict) else _bad(where),
-             "output": _require_str(inst, "output", where)}
+             "output": _require_str(inst, "output", where, optional=not require_output)}
             for inst in instances]
 
 
@@ -108,12 +108,13 @@ def _bad(where: str):
     raise DataError(f"{where}: each instance must be a JSON object")
 
 
-def read_records(path: str | Path, fmt: str = "auto") -> list[dict[str, str]]:
-    """All Alpaca rows of one file, validated; raises DataError naming file:line."""
+def read_records(path: str | Path, fmt: str = "auto", require_output: bool = True) -> list[dict[str, str]]:
+    """All Alpaca rows of one file, validated; raises DataError naming file:line.
+    `require_output=False` accepts rows without an output (prompts to answer); theirs is ""."""
     path = Path(path)
     rows: list[dict[str, str]] = []
     for line, value in _json_objects(path):
-        rows.extend(_alpaca_rows(line, value, path, fmt))
+        rows.extend(_alpaca_rows(line, value, path, fmt, require_output))
     if not rows:
         raise DataError(f"{path}: no records")
     return rows

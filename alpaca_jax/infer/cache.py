@@ -8,16 +8,12 @@ prompt length reuses a compiled function unless it crosses into the next bucket.
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.model.attention import KVCache
 from alpaca_jax.model.layers import DTYPES
 
-MIN_LENGTH_BUCKET = 16   # shortest prompt/cache length compiled for (tokens)
-
-# Logical axes of the stacked cache (the same vocabulary as the parameters and batches).
-CACHE_AXES = P("layers", "batch", "length", "kv_heads", "head_dim")
+MIN_LENGTH_BUCKET = 64   # shortest prompt/cache length compiled for (tokens; short prompts share one shape)
 
 
 def bucket(n: int, cap: int, minimum: int = 1) -> int:
@@ -33,7 +29,7 @@ def length_bucket(n: int, max_len: int) -> int:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
-    """An empty cache: [L, B, S, K, H] zeros in the compute dtype, for both keys and values."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+    """An empty cache: [L, B, K, S, H] zeros in the compute dtype, for both keys and values."""
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
     dtype = DTYPES[cfg.dtype]
     return KVCache(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype))

@@ -24,9 +24,14 @@ from alpaca_jax.infer.loader import LoadedModel
 from alpaca_jax.infer.sampling import SamplingConfig, sample_next
 from alpaca_jax.infer.text import TextTracker
 from alpaca_jax.model import Llama
+from alpaca_jax.model.attention import KVCache
 
 
-class PromptTooLongError(ValueError):
+class PromptError(ValueError):
+    """A prompt that cannot be decoded (empty, or too long); the message says which."""
+
+
+class PromptTooLongError(PromptError):
     """A prompt leaves no room in the model's context for even one generated token."""
 
 
@@ -47,28 +52,43 @@ class Row:
     on_text: Callable[[str], bool | None] | None = None
 
 
+def _write(cache: KVCache, new: KVCache, positions: jax.Array) -> KVCache:
+    """Store the new tokens' keys/values [L, B, T, K, H] at slots `positions` [B, T] of the
+    [L, B, K, S, H] cache, all layers at once (in place: the cache buffer is donated)."""
+    rows = jnp.arange(positions.shape[0])[:, None]
+    # Index arrays on dims 1 and 3 around a slice: numpy rules put their [B, T] dims first, so
+    # the update is laid out [B, T, L, K, H].
+    def put(buffer, values):
+        return buffer.at[:, rows, :, positions].set(jnp.transpose(values, (1, 2, 0, 3, 4)).astype(buffer.dtype))
+    return KVCache(key=put(cache.key, new.key), value=put(cache.value, new.value))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "cache_len"))
 def _prefill(params, ids, lengths, seeds, temperature, top_k, top_p, *, model: Llama, cache_len: int):
     """Right-padded prompts [B, T] -> each row's first generated token [B] and the cache."""
     batch, length = ids.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    cache = init_cache(model.config, batch, cache_len)
-    logits, cache = model.apply({"params": params}, ids, positions, None, cache=cache,
-                                logits_at=lengths - 1)
+    # Nothing is cached yet: the prompt attends to itself alone (an empty, zero-slot cache).
+    logits, new = model.apply({"params": params}, ids, positions, None, cache=init_cache(model.config, batch, 0),
+                              logits_at=lengths - 1)
+    cache = _write(init_cache(model.config, batch, cache_len), new, positions)
     return sample_next(logits[:, 0], seeds, lengths, temperature, top_k, top_p), cache
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
 def _decode_step(params, tokens, positions, cache, seeds, temperature, top_k, top_p, *, model: Llama):
     """Each row's last token [B] at its position [B] -> the next token [B] and the cache."""
-    logits, cache = model.apply({"params": params}, tokens[:, None], positions[:, None], None,
-                                cache=cache, logits_at=jnp.zeros_like(positions))
+    logits, new = model.apply({"params": params}, tokens[:, None], positions[:, None], None,
+                              cache=cache, logits_at=jnp.zeros_like(positions))
+    cache = _write(cache, new, positions[:, None])
     return sample_next(logits[:, 0], seeds, positions + 1, temperature, top_k, top_p), cache
 
 
 def encode_prompt(model: LoadedModel, prompt: str) -> list[int]:
     """Prompt ids, checked to leave room for at least one generated token."""
     ids = model.encode(prompt)
+    if not ids:
+        raise PromptError("the prompt is empty (and the model takes no BOS token)")
     if len(ids) >= model.max_len:
         raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the model's context is "
                                  f"{model.max_len} tokens, and at least one must be left to generate")
@@ -89,6 +109,8 @@ def decode_rows(model: LoadedModel, rows: Sequence[Row], max_batch: int = 16) ->
     """Decode every row together (len(rows) <= max_batch) and return their completions in order."""
     assert 0 < len(rows) <= max_batch, (len(rows), max_batch)
     lengths = [len(r.prompt_ids) for r in rows]
+    if min(lengths) == 0:
+        raise PromptError("a prompt has no tokens")
     if max(lengths) >= model.max_len:
         raise PromptTooLongError(f"a prompt has {max(lengths)} tokens; the context is {model.max_len}")
     budgets = [min(r.sampling.max_new_tokens, model.max_len - n) for r, n in zip(rows, lengths)]

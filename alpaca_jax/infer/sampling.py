@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from alpaca_jax.configlib import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -26,15 +28,15 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
+            raise ConfigError("stop strings must be non-empty strings")
         object.__setattr__(self, "stop", tuple(self.stop))
 
 
@@ -64,11 +66,19 @@ def sample_next(logits: jax.Array, seeds: jax.Array, positions: jax.Array, tempe
 
     The key of row b is derived from (seeds[b], positions[b]): the position of the token being
     sampled from, so each step of a row draws fresh randomness, independently of other rows.
+    The sampling work (a sort of the vocabulary per row for top-k/top-p) only runs when some
+    row of the batch samples; an all-greedy batch pays for the argmax alone.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    masked = jnp.where(sampling_mask(scaled, top_k, top_p), scaled, -jnp.inf)
-    keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(seeds, positions)
-    sampled = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+
+    def sample(_):
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        truncate = jnp.any((top_k > 0) | (top_p < 1.0))
+        masked = jax.lax.cond(truncate, lambda x: jnp.where(sampling_mask(x, top_k, top_p), x, -jnp.inf),
+                              lambda x: x, scaled)
+        keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(seeds, positions)
+        sampled = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+        return jnp.where(temperature > 0, sampled, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)

@@ -7,10 +7,11 @@ Two exact implementations of the same function (`ModelConfig.attention`):
   score FLOPs and memory at long lengths, no [B, 1, T, T] mask broadcast; the faster choice on
   CPU. It is plain jnp, so it also runs (and differentiates) everywhere.
 
-Decoding uses a third path, `cached_attention`: a `KVCache` holds the keys and values of every
-position seen so far, slot s holding position s of its row, so a query at position p attends to
-slots 0..p. The projections and rotary embeddings are the same code as in training; only the
-mask and where the keys come from differ.
+Decoding uses a third path, `cached_attention`: the keys and values of earlier tokens come from
+a read-only `KVCache` (slot s holding position s of its row) and the new tokens' own keys are
+attended to beside them, as two blocks of one softmax. The projections and rotary embeddings are
+the same code as in training; the caller writes the new keys/values into the cache (in place,
+once for all layers), so no layer copies the cache.
 
 Einsum legend: B batch, T length (queries), S length (keys), D embed, N query heads,
 K kv heads, G query heads per kv head (N = K * G), H head dim, R rows of a query block
@@ -94,8 +95,10 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values for decoding: [B, S, K, H] each (with a leading [L] when stacked over
-    layers). Slot s of a row holds that row's token at position s (rows never share slots), so
+    """Keys and values for decoding: [B, K, S, H] each (with a leading [L] when stacked over
+    layers); kv heads before slots, so the score and value matmuls read the cache as it lies
+    (no per-step transpose of the whole cache). Slot s of a row holds that row's token at
+    position s (rows never share slots), so
     rows of different lengths need no offsets: a prompt right-padded to the batch's longest is
     exact, its padding slots are overwritten by generated tokens before any query reaches them."""
     key: jax.Array
@@ -103,20 +106,34 @@ class KVCache:
 
 
 def cached_attention(query: jax.Array, key: jax.Array, value: jax.Array, cache: KVCache,
-                     positions: jax.Array) -> tuple[jax.Array, KVCache]:
-    """Write this call's keys/values at their positions [B, T], then attend over the cache.
+                     positions: jax.Array) -> jax.Array:
+    """Attention for new tokens [B, T] at `positions` over the cache and themselves -> [B, T, N, H].
 
-    [B, T, N, H] queries x [B, T, K, H] new keys/values -> [B, T, N, H], and the updated cache.
-    A query at position p sees slots 0..p: its own prompt and what its row generated so far.
+    query [B, T, N, H]; key, value [B, T, K, H] (the new tokens'); cache [B, K, S, H].
+
+    Cache slots before a row's first new position hold its earlier tokens (prompt, then what it
+    generated); later slots are stale or empty and masked. The new tokens attend causally to
+    each other. Scores of both blocks share one fp32 softmax, so this equals attention over the
+    concatenated keys without building that concatenation (a copy of the cache per layer).
     """
-    rows = jnp.arange(query.shape[0])[:, None]  # [B, 1], broadcast against positions [B, T]
-    cache = KVCache(key=cache.key.at[rows, positions].set(key.astype(cache.key.dtype)),
-                    value=cache.value.at[rows, positions].set(value.astype(cache.value.dtype)))
-    slots = jnp.arange(cache.key.shape[1])
-    allowed = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-    out = jax.nn.dot_product_attention(query, cache.key.astype(query.dtype),
-                                       cache.value.astype(query.dtype), mask=allowed[:, None])
-    return out, cache
+    batch, length, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    groups = num_heads // num_kv_heads
+    query = (query * jnp.asarray(head_dim ** -0.5, query.dtype)).reshape(batch, length, num_kv_heads, groups, head_dim)
+    cache_key, cache_value = cache.key.astype(query.dtype), cache.value.astype(query.dtype)
+    old_scores = jnp.einsum("BTKGH,BKSH->BKGTS", query, cache_key, preferred_element_type=jnp.float32)
+    new_scores = jnp.einsum("BTKGH,BSKH->BKGTS", query, key, preferred_element_type=jnp.float32)
+    slots = jnp.arange(cache_key.shape[2])
+    old_allowed = slots[None, None, :] < positions[:, :1, None]          # [B, 1, S]
+    new_allowed = positions[:, None, :] <= positions[:, :, None]        # [B, T, T] causal
+    lowest = jnp.finfo(jnp.float32).min
+    scores = jnp.concatenate([jnp.where(old_allowed[:, None, None], old_scores, lowest),
+                              jnp.where(new_allowed[:, None, None], new_scores, lowest)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    old_probs, new_probs = probs[..., :cache_key.shape[2]], probs[..., cache_key.shape[2]:]
+    out = (jnp.einsum("BKGTS,BKSH->BTKGH", old_probs, cache_value)
+           + jnp.einsum("BKGTS,BSKH->BTKGH", new_probs, value))
+    return out.reshape(batch, length, num_heads, head_dim)
 
 
 class Attention(nn.Module):
@@ -132,8 +149,9 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None, cos: jax.Array, sin: jax.Array,
                  positions: jax.Array | None = None, cache: KVCache | None = None
                  ) -> tuple[jax.Array, KVCache | None]:
-        """[B, T, D] -> ([B, T, D], cache). Training passes segment ids and no cache (and gets
-        None back); decoding passes positions and a cache instead of segment ids."""
+        """[B, T, D] -> ([B, T, D], new keys/values or None). Training passes segment ids and no
+        cache (and gets None back); decoding passes positions and the cache to read, and gets
+        this call's keys and values ([B, T, K, H] each) to write into it."""
         embed = x.shape[-1]
         init = nn.initializers.normal(self.init_std)
         wq = param(self, "wq", init, (embed, self.num_heads, self.head_dim),
@@ -152,7 +170,7 @@ class Attention(nn.Module):
         query = apply_rope(query, cos, sin)
         key = apply_rope(key, cos, sin)
         if cache is None:
-            out = attend(query, key, value, segment_ids, self.implementation)  # [B, T, N, H]
+            out, new_kv = attend(query, key, value, segment_ids, self.implementation), None  # [B, T, N, H]
         else:
-            out, cache = cached_attention(query, key, value, cache, positions)
-        return dense(out, wo.astype(self.dtype), num_in=2), cache  # [B, T, D]
+            out, new_kv = cached_attention(query, key, value, cache, positions), KVCache(key, value)
+        return dense(out, wo.astype(self.dtype), num_in=2), new_kv  # [B, T, D]

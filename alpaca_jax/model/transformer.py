@@ -3,8 +3,9 @@
 Used pure-functionally through Linen: `Llama(cfg).apply({"params": params}, ids, positions,
 segment_ids)`. Packed rows are handled by explicit `positions` (restarting at 0 per example)
 and `segment_ids` (0 = padding), so attention never crosses examples. Decoding calls the same
-module with a `KVCache` (stacked over layers) instead of segment ids and gets the updated cache
-back (see `attention.cached_attention`); the parameters are the same.
+module with a `KVCache` to read (stacked over layers) instead of segment ids, and gets the new
+tokens' keys and values back to write into it (see `attention.cached_attention`); the
+parameters are the same.
 
 Einsum legend: B batch, T length, D embed, V vocab.
 """
@@ -31,8 +32,8 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this layer's updated cache or None)
-    so it can be scanned (the caches stack over layers)."""
+    """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this layer's new keys/values or
+    None) so it can be scanned (they stack over layers)."""
     config: ModelConfig
 
     @nn.compact
@@ -40,13 +41,13 @@ class Block(nn.Module):
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         attn_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="attention_norm")(x)
-        attn_out, cache = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.init_std,
+        attn_out, new_kv = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.init_std,
                                     dtype, param_dtype, cfg.attention, name="attention")(
                                         attn_in, segment_ids, cos, sin, positions, cache)
         x = x + attn_out
         mlp_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="mlp_norm")(x)
         x = x + SwiGLU(cfg.intermediate_size, cfg.init_std, dtype, param_dtype, name="mlp")(mlp_in)
-        return x, cache
+        return x, new_kv
 
 
 def _block_class(cfg: ModelConfig):
@@ -64,8 +65,9 @@ class Llama(nn.Module):
                  cache: KVCache | None = None, logits_at: jax.Array | None = None):
         """[B, T] int ids, positions and segment ids -> [B, T, V] logits (compute dtype).
 
-        Decoding: pass `cache` ([L, B, S, K, H] keys and values; segment_ids is then unused) and
-        get (logits, updated cache); `logits_at` [B] picks one position per row to compute the
+        Decoding: pass `cache` ([L, B, K, S, H] keys and values of earlier tokens, read only;
+        segment_ids is then unused) and get (logits, the new tokens' keys and values as a
+        [L, B, T, K, H] `KVCache`); `logits_at` [B] picks one position per row to compute the
         output head at ([B, 1, V] logits), since only each row's last token is sampled from.
         """
         cfg = self.config
@@ -87,14 +89,14 @@ class Llama(nn.Module):
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=in_axes, length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_cache = stack(cfg, name="layers")(x, *args)
+            x, new_kv = stack(cfg, name="layers")(x, *args)
         else:
-            layer_caches = []
+            layer_kvs = []
             for i in range(cfg.num_layers):
                 layer_args = args if cache is None else (*args[:4], jax.tree.map(lambda c: c[i], cache))
-                x, layer_cache = block(cfg, name=f"layers_{i}")(x, *layer_args)
-                layer_caches.append(layer_cache)
-            new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
+                x, layer_kv = block(cfg, name=f"layers_{i}")(x, *layer_args)
+                layer_kvs.append(layer_kv)
+            new_kv = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *layer_kvs)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
 
@@ -107,4 +109,4 @@ class Llama(nn.Module):
             head = param(self, "lm_head", init, (cfg.vocab_size, cfg.hidden_size),
                          ("vocab", "embed"), param_dtype)
         logits = dense(x, head.astype(dtype).T)  # [B, T, V]
-        return logits if cache is None else (logits, new_cache)
+        return logits if cache is None else (logits, new_kv)
