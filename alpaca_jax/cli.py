@@ -16,8 +16,12 @@ examples:
   alpaca-jax train configs/vicuna_7b.yaml tokenizer.path=/models/llama-7b data.train_files=[sharegpt.json]
   alpaca-jax export-hf runs/smoke hf/smoke                # a run's latest checkpoint -> HF LLaMA dir
   alpaca-jax import-hf /models/llama-2-7b-hf imported/llama2   # HF LLaMA dir -> our params
+  alpaca-jax chat runs/smoke                               # talk to a trained run in the terminal
+  alpaca-jax respond runs/smoke --input rows.jsonl -o answers.jsonl
+  alpaca-jax serve runs/smoke --port 8000                 # OpenAI-compatible API on 127.0.0.1
   alpaca-jax generate configs/generate/alpaca.yaml  # Self-Instruct data through a teacher LLM
   alpaca-jax dedup in.jsonl -o out.jsonl --threshold 0.7
+  alpaca-jax eval runs/a runs/b --data user_oriented_instructions.jsonl -o eval/ab --judge configs/judge/default.yaml
 """
 
 
@@ -78,10 +82,85 @@ def _parser() -> argparse.ArgumentParser:
     import_.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
                          help="one parameter subtree per layer (model.scan_layers=false)")
 
+    eval_ = sub.add_parser(
+        "eval", help="compare runs on an eval file: perplexity, generations, ROUGE-L, pairwise judge",
+        description="For each RUN (run dir, checkpoint, import-hf output, local HF dir, or an "
+                    "AlpacaEval model-outputs JSON file): perplexity on FILE's reference answers, "
+                    "generations for FILE's instructions saved in AlpacaEval's model-outputs layout, "
+                    "ROUGE-L against the references and, with --judge, a pairwise LLM judge of every "
+                    "run against the baseline (both answer orders; win rate, bootstrap 95% CI, "
+                    "per-category breakdown, position consistency). Writes OUT_DIR/results.json and "
+                    "OUT_DIR/results.md (one row per run). Rerun into the same OUT_DIR to resume: judge "
+                    "replies already paid for come from OUT_DIR/judge_journal.jsonl.",
+        epilog="FILE layouts: Alpaca JSON/JSONL, Self-Instruct user-oriented JSONL (categories from "
+               "motivation_app), AlpacaEval. See README 'Evaluation'.")
+    eval_.add_argument("runs", nargs="+", metavar="RUN", help="run dirs, checkpoints, HF dirs or model-outputs JSON files")
+    eval_.add_argument("--data", required=True, metavar="FILE", help="eval instructions (with or without reference outputs)")
+    eval_.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="results directory")
+    eval_.add_argument("--judge", metavar="CONFIG", help="judge YAML (e.g. configs/judge/default.yaml); omit to skip judging")
+    eval_.add_argument("--baseline", help="what every run is judged against: 'references' (default when "
+                                          "FILE has outputs) or one RUN (default otherwise: the first)")
+    eval_.add_argument("--max-new-tokens", type=int, default=256, help="generation length cap (default 256)")
+    eval_.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default 16)")
+    eval_.add_argument("--limit", type=int, help="only the first N instructions (smoke runs)")
+    model_help = ("a run directory (latest checkpoint), RUN/checkpoints/STEP, an import-hf output "
+                  "or a local Hugging Face LLaMA directory")
+    chat = sub.add_parser(
+        "chat", help="talk to a model in the terminal (Alpaca template, streamed tokens)",
+        description="Interactive chat: each message is answered with the Alpaca template, earlier "
+                    "turns included while they fit the context; tokens are printed as they are "
+                    "decoded. /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops "
+                    "the answer being written (not the session).")
+    chat.add_argument("model", metavar="MODEL", help=model_help)
+    chat.add_argument("--system", help="replaces the Alpaca preamble ('Below is an instruction ...')")
+    _add_sampling_arguments(chat, temperature=0.7, top_p=0.9)
+
+    respond = sub.add_parser(
+        "respond", help="answer every row of an instruction file (resumable JSONL output)",
+        description="Answer each Alpaca row ({instruction, input}) or Self-Instruct instance of "
+                    "INPUT with the Alpaca template. Output lines are JSON objects keyed by the "
+                    "row's index, appended batch by batch: rerunning after a crash answers only "
+                    "the rows not yet in the output.")
+    respond.add_argument("model", metavar="MODEL", help=model_help)
+    respond.add_argument("--input", required=True, help="JSON or JSONL rows to answer")
+    respond.add_argument("-o", "--output", required=True, help="JSONL file to append answers to")
+    respond.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default 16)")
+    _add_sampling_arguments(respond, temperature=0.0, top_p=1.0)
+
+    serve = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="GET /v1/models, POST /v1/completions and /v1/chat/completions (stream, n, "
+                    "stop, max_tokens, temperature, top_p, seed, usage). Concurrent requests "
+                    "share decode batches. Usable as the teacher of `alpaca-jax generate` "
+                    "(teacher.base_url=http://HOST:PORT/v1).")
+    serve.add_argument("model", metavar="MODEL", help=model_help)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument("--model-name", help="the `model` name clients send (default: the run directory's name)")
+    serve.add_argument("--api-key-env", metavar="NAME",
+                       help="require 'Authorization: Bearer $NAME' (the key is read from this environment variable)")
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most (default 16)")
+
     for name, text in (("generate", "generate instruction data with a teacher LLM (Self-Instruct / Alpaca)"),
                        ("dedup", "drop near-duplicate instructions by ROUGE-L (rouge-score semantics)")):
         sub.add_parser(name, help=text, add_help=False)
     return parser
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated at most per answer (default 256)")
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"softmax temperature, 0 = greedy (default {temperature})")
+    parser.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p})")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off (default)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace):
+    from alpaca_jax.infer import SamplingConfig
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("jax._src.xla_bridge", "datasets", "absl"):
+    for noisy in ("jax._src.xla_bridge", "datasets", "absl", "httpx", "httpx2"):  # httpx: one line per judge request
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command == "train":
@@ -124,9 +203,23 @@ def main(argv: list[str] | None = None) -> int:
             from alpaca_jax.plan import parse_bytes
             export_hf(args.source, args.out_dir, dtype=args.dtype,
                       max_shard_size=parse_bytes(args.max_shard_size))
+        elif args.command == "eval":
+            _eval(args)
         elif args.command == "import-hf":
             from alpaca_jax.hf import import_hf
             import_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
+        elif args.command == "chat":
+            from alpaca_jax.chat import chat
+            from alpaca_jax.infer import load_model
+            sampling = _sampling(args)
+            chat(load_model(args.model), sampling, system=args.system)
+        elif args.command == "respond":
+            from alpaca_jax.respond import respond
+            respond(args.model, args.input, args.output, _sampling(args), batch_size=args.batch_size)
+        elif args.command == "serve":
+            from alpaca_jax.serve import ServeConfig, api_key_from_env, serve
+            serve(args.model, ServeConfig(host=args.host, port=args.port, model_name=args.model_name,
+                                          api_key=api_key_from_env(args.api_key_env), max_batch=args.max_batch))
         return 0
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
@@ -150,13 +243,22 @@ def _plan(args: argparse.Namespace) -> None:
     print(format_plan(plan_memory(cfg, devices), cfg, memory))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from alpaca_jax.eval import evaluate, load_judge_config, markdown_table
+    judge = load_judge_config(args.judge) if args.judge else None
+    results = evaluate(args.runs, args.data, args.out, judge=judge, baseline=args.baseline,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+    print(markdown_table(results), end="")
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the user's config or data: reported in one line, no traceback."""
     from alpaca_jax.checkpoint import CheckpointError
     from alpaca_jax.data.records import DataError
+    from alpaca_jax.eval import EvalError, JudgeError
     from alpaca_jax.hf import ConversionError
     from alpaca_jax.train.loop import TrainingError
-    return (ConfigError, DataError, TrainingError, CheckpointError, ConversionError)
+    return (ConfigError, DataError, TrainingError, CheckpointError, ConversionError, EvalError, JudgeError)
 
 
 if __name__ == "__main__":

@@ -116,12 +116,16 @@ class DataConfig:
     on_malformed: Literal["skip", "error"] = "skip"  # bad conversations: count and skip, or stop naming file:line
     mixture: tuple[DataSourceConfig, ...] = ()  # weighted sources; when set, replaces train_files
     mixture_size: int | None = None        # examples drawn from the mixture per epoch; null = all sources' total
+    eval_files: tuple[str, ...] = ()       # held-out JSON/JSONL files scored during training, never trained on
+    eval_fraction: float = 0.0             # fraction of each source's rows held out for eval (chosen by train.seed)
 
     def __post_init__(self):
         if not self.train_files and not self.mixture:
             raise ConfigError("data.train_files: at least one file is needed")
         if self.mixture_size is not None and self.mixture_size <= 0:
             raise ConfigError(f"data.mixture_size must be positive, got {self.mixture_size}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_len < 8:
             raise ConfigError(f"data.max_len must be at least 8, got {self.max_len}")
         if self.pack_window < 1:
@@ -156,6 +160,7 @@ class TrainConfig:
     batch_size: int = 8                    # global batch in rows (packed rows or padded examples)
     grad_accum: int = 1                    # micro-batches per step; batch_size must divide evenly
     log_every: int = 10                    # steps between metric lines (step 1 always logged)
+    eval_every: int | None = None          # steps between held-out evals (and always the last); null = last step only
     progress_bar: bool = True              # show a tqdm bar on stderr
     resume: bool = True                    # continue from the run dir's latest checkpoint; false = refuse a run dir that has one
 
@@ -167,6 +172,8 @@ class TrainConfig:
             raise ConfigError("train.num_epochs and train.log_every must be positive")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError("train.max_steps must be positive")
+        if self.eval_every is not None and self.eval_every <= 0:
+            raise ConfigError(f"train.eval_every must be positive or null, got {self.eval_every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +217,7 @@ class CheckpointConfig:
     """Orbax checkpoints in <run dir>/checkpoints/<step>: params, optimizer state, data position."""
     every: int | None = 100                # save every N optimizer steps (and always at the last); null = only the last
     keep: int | None = 3                   # keep the K most recent checkpoints; null keeps all
-    keep_best: bool = False                # also keep the one with the lowest logged loss (train loss: there is no eval loop)
+    keep_best: bool = False                # also keep the one with the lowest loss: eval loss when there is a held-out set, else train loss
     async_save: bool = True                # write in a background thread while training continues
 
     def __post_init__(self):

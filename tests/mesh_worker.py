@@ -26,7 +26,8 @@ from alpaca_jax.train import read_metrics, train
 STEPS = 4
 COMMON = [f"train.max_steps={STEPS}", "train.log_every=1", "train.batch_size=8", "data.max_len=128",
           "optimizer.warmup_steps=0", "optimizer.learning_rate=3e-3",
-          "train.progress_bar=false", "run.tensorboard=false", "model.num_layers=2"]
+          "train.progress_bar=false", "run.tensorboard=false", "model.num_layers=2",
+          "data.eval_fraction=0.2", "train.eval_every=2"]  # held-out loss: sharded like training
 MESHES = {"1": (1, 1, 1), "8x1x1": (8, 1, 1), "1x8x1": (1, 8, 1), "2x2x2": (2, 2, 2), "1x4x2": (1, 4, 2)}
 
 
@@ -66,6 +67,7 @@ def meshes(out: Path, root: Path) -> None:
         results[name] = {"losses": [m["loss"] for m in read_metrics(result.run_dir)],
                          "grad_norms": [m["grad_norm"] for m in read_metrics(result.run_dir)],
                          "learning_rates": [m["learning_rate"] for m in read_metrics(result.run_dir)],
+                         "eval_losses": [m["eval_loss"] for m in read_metrics(result.run_dir) if "eval_loss" in m],
                          "params": _sharding_report(cfg, result.state)}
     out.write_text(json.dumps(results))
 

@@ -48,6 +48,8 @@ def test_meshes_give_the_one_device_losses(mesh_runs):
     for name in ("8x1x1", "1x8x1", "2x2x2", "1x4x2"):
         np.testing.assert_allclose(mesh_runs[name]["losses"], reference["losses"], rtol=2e-6, err_msg=name)
         np.testing.assert_allclose(mesh_runs[name]["grad_norms"], reference["grad_norms"], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(mesh_runs[name]["eval_losses"], reference["eval_losses"], rtol=2e-6, err_msg=name)
+    assert len(reference["eval_losses"]) == STEPS // 2  # held-out loss at steps 2 and 4
 
 
 def test_parameters_are_sharded_as_the_rules_say(mesh_runs):
@@ -87,6 +89,9 @@ def test_two_processes_match_one(tmp_path):
     assert all(m["learning_rate"] > 0 for m in one)
     np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=2e-6)
     np.testing.assert_allclose([m["grad_norm"] for m in two], [m["grad_norm"] for m in one], rtol=1e-5)
+    held_out = [[m["eval_loss"] for m in run if "eval_loss" in m] for run in (one, two)]
+    assert len(held_out[0]) == STEPS // 2  # each process scores its slice of every eval batch
+    np.testing.assert_allclose(held_out[1], held_out[0], rtol=2e-6)
     # Only process 0 writes the run's logs and config (process 1 writes checkpoint shards only).
     logs = {"metrics.jsonl", "config.yaml", "summary.json"}
     assert logs <= set(reports[0]["written"]), reports[0]["written"]

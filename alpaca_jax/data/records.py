@@ -39,8 +39,10 @@ def resolve_data_path(name: str) -> Path:
     return path
 
 
-def json_rows(path: Path) -> Iterator[tuple[int, object]]:
-    """Yield (line number, value) for each top-level row of a JSON array or JSONL file."""
+def json_rows(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each top-level row of a JSON array or JSONL file, unvalidated
+    (each reader checks its own row layout); malformed JSON names file:line."""
+    path = Path(path)
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
     decoder = json.JSONDecoder()
@@ -80,21 +82,22 @@ def _require_str(row: dict, key: str, where: str, optional: bool = False) -> str
     return value
 
 
-def alpaca_rows(where: str, row: object, fmt: str) -> list[dict[str, str]]:
-    """One Alpaca or seed-task row -> Alpaca rows; `where` ("file:line") names it in errors."""
+def alpaca_rows(where: str, row: object, fmt: str, require_output: bool = True) -> list[dict[str, str]]:
+    """One Alpaca or seed-task row -> Alpaca rows; `where` ("file:line") names it in errors.
+    `require_output=False` accepts rows without an output (prompts to answer); theirs is ""."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: each row must be a JSON object, got {type(row).__name__}")
     is_seed = "instances" in row if fmt == "auto" else fmt == "seed_tasks"
     instruction = _require_str(row, "instruction", where)
     if not is_seed:
         return [{"instruction": instruction, "input": _require_str(row, "input", where, optional=True),
-                 "output": _require_str(row, "output", where)}]
+                 "output": _require_str(row, "output", where, optional=not require_output)}]
     instances = row.get("instances")
     if not isinstance(instances, list) or not instances:
         raise DataError(f"{where}: field 'instances' must be a non-empty list")
     return [{"instruction": instruction,
              "input": _require_str(inst, "input", where, optional=True) if isinstance(inst, dict) else _bad(where),
-             "output": _require_str(inst, "output", where)}
+             "output": _require_str(inst, "output", where, optional=not require_output)}
             for inst in instances]
 
 
@@ -102,12 +105,13 @@ def _bad(where: str):
     raise DataError(f"{where}: each instance must be a JSON object")
 
 
-def read_records(path: str | Path, fmt: str = "auto") -> list[dict[str, str]]:
-    """All Alpaca rows of one file, validated; raises DataError naming file:line."""
+def read_records(path: str | Path, fmt: str = "auto", require_output: bool = True) -> list[dict[str, str]]:
+    """All Alpaca rows of one file, validated; raises DataError naming file:line.
+    `require_output=False` accepts rows without an output (prompts to answer); theirs is ""."""
     path = Path(path)
     rows: list[dict[str, str]] = []
     for line, value in json_rows(path):
-        rows.extend(alpaca_rows(f"{path}:{line}", value, fmt))
+        rows.extend(alpaca_rows(f"{path}:{line}", value, fmt, require_output))
     if not rows:
         raise DataError(f"{path}: no records")
     return rows

@@ -7,6 +7,12 @@ Two exact implementations of the same function (`ModelConfig.attention`):
   score FLOPs and memory at long lengths, no [B, 1, T, T] mask broadcast; the faster choice on
   CPU. It is plain jnp, so it also runs (and differentiates) everywhere.
 
+Decoding uses a third path, `cached_attention`: the keys and values of earlier tokens come from
+a read-only `KVCache` (slot s holding position s of its row) and the new tokens' own keys are
+attended to beside them, as two blocks of one softmax. The projections and rotary embeddings are
+the same code as in training; the caller writes the new keys/values into the cache (in place,
+once for all layers), so no layer copies the cache.
+
 Einsum legend: B batch, T length (queries), S length (keys), D embed, N query heads,
 K kv heads, G query heads per kv head (N = K * G), H head dim, R rows of a query block
 (its queries times G).
@@ -15,6 +21,7 @@ K kv heads, G query heads per kv head (N = K * G), H head dim, R rows of a query
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -86,6 +93,49 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.
     raise ValueError(f"unknown attention implementation {implementation!r}")
 
 
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values for decoding: [B, K, S, H] each (with a leading [L] when stacked over
+    layers); kv heads before slots, so the score and value matmuls read the cache as it lies
+    (no per-step transpose of the whole cache). Slot s of a row holds that row's token at
+    position s (rows never share slots), so
+    rows of different lengths need no offsets: a prompt right-padded to the batch's longest is
+    exact, its padding slots are overwritten by generated tokens before any query reaches them."""
+    key: jax.Array
+    value: jax.Array
+
+
+def cached_attention(query: jax.Array, key: jax.Array, value: jax.Array, cache: KVCache,
+                     positions: jax.Array) -> jax.Array:
+    """Attention for new tokens [B, T] at `positions` over the cache and themselves -> [B, T, N, H].
+
+    query [B, T, N, H]; key, value [B, T, K, H] (the new tokens'); cache [B, K, S, H].
+
+    Cache slots before a row's first new position hold its earlier tokens (prompt, then what it
+    generated); later slots are stale or empty and masked. The new tokens attend causally to
+    each other. Scores of both blocks share one fp32 softmax, so this equals attention over the
+    concatenated keys without building that concatenation (a copy of the cache per layer).
+    """
+    batch, length, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    groups = num_heads // num_kv_heads
+    query = (query * jnp.asarray(head_dim ** -0.5, query.dtype)).reshape(batch, length, num_kv_heads, groups, head_dim)
+    cache_key, cache_value = cache.key.astype(query.dtype), cache.value.astype(query.dtype)
+    old_scores = jnp.einsum("BTKGH,BKSH->BKGTS", query, cache_key, preferred_element_type=jnp.float32)
+    new_scores = jnp.einsum("BTKGH,BSKH->BKGTS", query, key, preferred_element_type=jnp.float32)
+    slots = jnp.arange(cache_key.shape[2])
+    old_allowed = slots[None, None, :] < positions[:, :1, None]          # [B, 1, S]
+    new_allowed = positions[:, None, :] <= positions[:, :, None]        # [B, T, T] causal
+    lowest = jnp.finfo(jnp.float32).min
+    scores = jnp.concatenate([jnp.where(old_allowed[:, None, None], old_scores, lowest),
+                              jnp.where(new_allowed[:, None, None], new_scores, lowest)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    old_probs, new_probs = probs[..., :cache_key.shape[2]], probs[..., cache_key.shape[2]:]
+    out = (jnp.einsum("BKGTS,BKSH->BTKGH", old_probs, cache_value)
+           + jnp.einsum("BKGTS,BSKH->BTKGH", new_probs, value))
+    return out.reshape(batch, length, num_heads, head_dim)
+
+
 class Attention(nn.Module):
     num_heads: int
     num_kv_heads: int
@@ -96,7 +146,12 @@ class Attention(nn.Module):
     implementation: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None, cos: jax.Array, sin: jax.Array,
+                 positions: jax.Array | None = None, cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """[B, T, D] -> ([B, T, D], new keys/values or None). Training passes segment ids and no
+        cache (and gets None back); decoding passes positions and the cache to read, and gets
+        this call's keys and values ([B, T, K, H] each) to write into it."""
         embed = x.shape[-1]
         init = nn.initializers.normal(self.init_std)
         wq = param(self, "wq", init, (embed, self.num_heads, self.head_dim),
@@ -114,5 +169,8 @@ class Attention(nn.Module):
         value = dense(x, wv.astype(self.dtype))
         query = apply_rope(query, cos, sin)
         key = apply_rope(key, cos, sin)
-        out = attend(query, key, value, segment_ids, self.implementation)  # [B, T, N, H]
-        return dense(out, wo.astype(self.dtype), num_in=2)  # [B, T, D]
+        if cache is None:
+            out, new_kv = attend(query, key, value, segment_ids, self.implementation), None  # [B, T, N, H]
+        else:
+            out, new_kv = cached_attention(query, key, value, cache, positions), KVCache(key, value)
+        return dense(out, wo.astype(self.dtype), num_in=2), new_kv  # [B, T, D]

@@ -2,7 +2,10 @@
 
 Used pure-functionally through Linen: `Llama(cfg).apply({"params": params}, ids, positions,
 segment_ids)`. Packed rows are handled by explicit `positions` (restarting at 0 per example)
-and `segment_ids` (0 = padding), so attention never crosses examples.
+and `segment_ids` (0 = padding), so attention never crosses examples. Decoding calls the same
+module with a `KVCache` to read (stacked over layers) instead of segment ids, and gets the new
+tokens' keys and values back to write into it (see `attention.cached_attention`); the
+parameters are the same.
 
 Einsum legend: B batch, T length, D embed, V vocab.
 """
@@ -14,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from alpaca_jax.config import ModelConfig
-from alpaca_jax.model.attention import Attention
+from alpaca_jax.model.attention import Attention, KVCache
 from alpaca_jax.model.layers import DTYPES, RMSNorm, dense, param
 from alpaca_jax.model.mlp import SwiGLU
 from alpaca_jax.model.rope import rope_cos_sin, rope_inverse_frequencies
@@ -29,19 +32,22 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, None) so it can be scanned."""
+    """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this layer's new keys/values or
+    None) so it can be scanned (they stack over layers)."""
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, segment_ids, cos, sin):
+    def __call__(self, x, segment_ids, cos, sin, positions=None, cache=None):
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         attn_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="attention_norm")(x)
-        x = x + Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.init_std,
-                          dtype, param_dtype, cfg.attention, name="attention")(attn_in, segment_ids, cos, sin)
+        attn_out, new_kv = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.init_std,
+                                    dtype, param_dtype, cfg.attention, name="attention")(
+                                        attn_in, segment_ids, cos, sin, positions, cache)
+        x = x + attn_out
         mlp_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="mlp_norm")(x)
         x = x + SwiGLU(cfg.intermediate_size, cfg.init_std, dtype, param_dtype, name="mlp")(mlp_in)
-        return x, None
+        return x, new_kv
 
 
 def _block_class(cfg: ModelConfig):
@@ -55,8 +61,15 @@ class Llama(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """[B, T] int ids, positions and segment ids -> [B, T, V] logits (compute dtype)."""
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 cache: KVCache | None = None, logits_at: jax.Array | None = None):
+        """[B, T] int ids, positions and segment ids -> [B, T, V] logits (compute dtype).
+
+        Decoding: pass `cache` ([L, B, K, S, H] keys and values of earlier tokens, read only;
+        segment_ids is then unused) and get (logits, the new tokens' keys and values as a
+        [L, B, T, K, H] `KVCache`); `logits_at` [B] picks one position per row to compute the
+        output head at ([B, 1, V] logits), since only each row's last token is sampled from.
+        """
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         init = nn.initializers.normal(cfg.init_std)
@@ -68,15 +81,24 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(positions, inv_freq)
 
         block = _block_class(cfg)
+        # Training passes (x, segment_ids, cos, sin); decoding adds positions and the per-layer
+        # cache, which is scanned over (axis 0 = layer) rather than broadcast.
+        args = (segment_ids, cos, sin) if cache is None else (segment_ids, cos, sin, positions, cache)
         if cfg.scan_layers:
+            in_axes = (nn.broadcast,) * 3 if cache is None else (nn.broadcast,) * 4 + (0,)
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                            length=cfg.num_layers,
+                            in_axes=in_axes, length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(cfg, name="layers")(x, segment_ids, cos, sin)
+            x, new_kv = stack(cfg, name="layers")(x, *args)
         else:
+            layer_kvs = []
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x, segment_ids, cos, sin)
+                layer_args = args if cache is None else (*args[:4], jax.tree.map(lambda c: c[i], cache))
+                x, layer_kv = block(cfg, name=f"layers_{i}")(x, *layer_args)
+                layer_kvs.append(layer_kv)
+            new_kv = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *layer_kvs)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
 
         x = RMSNorm(cfg.rms_norm_eps, param_dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
@@ -86,4 +108,5 @@ class Llama(nn.Module):
             # backward ~10% faster than with a [D, V] weight (BENCHMARKS.md, layer matmuls).
             head = param(self, "lm_head", init, (cfg.vocab_size, cfg.hidden_size),
                          ("vocab", "embed"), param_dtype)
-        return dense(x, head.astype(dtype).T)  # [B, T, V]
+        logits = dense(x, head.astype(dtype).T)  # [B, T, V]
+        return logits if cache is None else (logits, new_kv)

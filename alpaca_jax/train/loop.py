@@ -23,8 +23,13 @@ from alpaca_jax.checkpoint import Checkpointer, abstract_like, truncate_metrics
 from alpaca_jax.config import Config, save_config
 from alpaca_jax.data import (BatchIterator, chat_template, corpus_texts, get_tokenizer, load_sources, special_ids,
                              tokenize_sources)
+from alpaca_jax.data.conversations import read_conversations
+from alpaca_jax.data.records import resolve_data_path
+from alpaca_jax.data.split import split_sources
+from alpaca_jax.data.tokenize import tokenize_conversations
 from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
 from alpaca_jax.model import Llama, logical_axes
+from alpaca_jax.train.evaluate import eval_batches, eval_step, mean_eval_loss
 from alpaca_jax.train.metrics import MetricsWriter
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.state import TrainState, create_train_state, fresh_train_state, state_shardings
@@ -44,13 +49,34 @@ class TrainResult:
     first_loss: float
     last_loss: float
     state: object
+    eval_loss: float | None = None   # mean held-out loss after the last step; None without a held-out set
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """The tokenized held-out set (examples as the model sees them, cut to data.max_len)."""
+    input_ids: list
+    loss_mask: list
+    stats: object                    # TokenizeStats of the held-out examples
+    duplicates_dropped: int          # training examples dropped for equalling a held-out one
+    conversations: list              # the held-out examples before tokenizing (Alpaca rows are one-exchange conversations)
+
+
+def _eval_file_conversations(cfg: Config) -> list:
+    conversations = []
+    for name in cfg.data.eval_files:
+        convs, _ = read_conversations(resolve_data_path(name), cfg.data.format, cfg.data.on_malformed)
+        conversations.extend(convs)
+    return conversations
 
 
 def build_batches(cfg: Config, run_dir: Path):
-    """Load, tokenize and set up the batch stream; returns (iterator, tokenizer, stats, sources)."""
-    sources = load_sources(cfg.data)
-    # The run's BPE is trained on the text as the model will read it (templates included, so
-    # their fixed preambles merge into a few tokens).
+    """Load, split, tokenize and set up the batch stream; returns (iterator, tokenizer, stats,
+    sources, held_out), held_out being None when the config holds nothing out."""
+    sources, held, duplicates = split_sources(load_sources(cfg.data), cfg.data.eval_fraction, cfg.train.seed,
+                                              _eval_file_conversations(cfg))
+    # The run's BPE is trained on the training text as the model will read it (templates
+    # included, so their fixed preambles merge into a few tokens); held-out text stays unseen.
     corpus = lambda: corpus_texts(sources, cfg.data.template)  # noqa: E731
     if cfg.data.template == "tokenizer" and cfg.tokenizer.path is None:
         raise TrainingError("data.template=tokenizer needs tokenizer.path: a local HF tokenizer with a chat_template")
@@ -60,16 +86,23 @@ def build_batches(cfg: Config, run_dir: Path):
             get_tokenizer(cfg.tokenizer, cfg.model.vocab_size, run_dir, corpus())
         multihost_utils.sync_global_devices("alpaca_jax:tokenizer")
     tokenizer = get_tokenizer(cfg.tokenizer, cfg.model.vocab_size, run_dir, corpus())
+    template = chat_template(cfg.data.template, tokenizer)
     input_ids, loss_mask, order, stats, per_source = tokenize_sources(
-        sources, tokenizer, chat_template(cfg.data.template, tokenizer), cfg.data, cfg.train.seed,
-        cfg.tokenizer.add_bos)
+        sources, tokenizer, template, cfg.data, cfg.train.seed, cfg.tokenizer.add_bos)
     iterator = BatchIterator(
         input_ids, loss_mask, batch_size=cfg.train.batch_size,
         seq_len=cfg.data.max_len, seed=cfg.train.seed, num_epochs=cfg.train.num_epochs,
         pad_id=special_ids(tokenizer).pad, packing=cfg.data.packing,
         pack_window=cfg.data.pack_window, shard_index=jax.process_index(),
         shard_count=jax.process_count(), epoch_order=order)
-    return iterator, tokenizer, stats, per_source
+    held_out = None
+    if held is not None:
+        ids, masks, held_stats = tokenize_conversations(held, tokenizer, template, cfg.data.max_len,
+                                                        cfg.tokenizer.add_bos, cfg.data.long_conversations)
+        if held_stats.kept == 0:
+            raise TrainingError(f"no held-out example has a response token within data.max_len={cfg.data.max_len}")
+        held_out = HeldOut(list(ids), list(masks), held_stats, duplicates, held)
+    return iterator, tokenizer, stats, per_source, held_out
 
 
 def _to_global(batch: dict[str, np.ndarray], accum: int, global_batch: int, batch_sh):
@@ -129,7 +162,7 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
 
-    iterator, tokenizer, stats, per_source = build_batches(cfg, run_dir)
+    iterator, tokenizer, stats, per_source, held_out = build_batches(cfg, run_dir)
     total_steps = iterator.total_steps()
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -159,11 +192,13 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
         in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0)
 
+    evaluate = _held_out_evaluator(cfg, held_out, mesh, shardings, batch_sh, tokenizer)
     writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=is_main, append=resume_step is not None)
     summary = {"tokenize": dataclasses.asdict(stats), "sources": per_source,
                "packing_efficiency": iterator.packing_efficiency(),
                "total_steps": total_steps, "devices": len(mesh.devices.flat)}
     first_loss, last_loss = resumed.get("first_loss", math.nan), resumed.get("last_loss", math.nan)
+    eval_loss = None
     window: list[dict] = []
     tokens_seen, loss_tokens_seen = resumed.get("tokens_seen", 0), resumed.get("loss_tokens_seen", 0)
     start_step = resume_step or 0
@@ -180,7 +215,11 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
             # A checkpoint step is always a log step: the log window never spans a checkpoint,
             # so a resumed run logs exactly the records the uninterrupted one would.
             save_now = checkpoints.should_save(step, total_steps)
-            if step == 1 or step % cfg.train.log_every == 0 or step == total_steps or save_now:
+            # keep_best ranks checkpoints by eval loss, so a checkpoint step is then an eval step.
+            eval_now = evaluate is not None and (
+                step == total_steps or (save_now and cfg.checkpoint.keep_best)
+                or (cfg.train.eval_every is not None and step % cfg.train.eval_every == 0))
+            if step == 1 or step % cfg.train.log_every == 0 or step == total_steps or save_now or eval_now:
                 fetched = jax.device_get(window)
                 elapsed = time.perf_counter() - window_start
                 window_tokens = int(sum(m["tokens"] for m in fetched))
@@ -197,6 +236,11 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
                     "loss_tokens_seen": loss_tokens_seen,
                     "tokens_per_second": window_tokens / elapsed,
                 }
+                if eval_now:
+                    result = evaluate(state.params)
+                    eval_loss = result.loss
+                    record.update(eval_loss=result.loss, eval_perplexity=result.perplexity,
+                                  eval_tokens=result.tokens)
                 writer.write(record)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if step == 1:
@@ -210,13 +254,38 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
                 checkpoints.save(step, state, {"data": iterator.state(), "tokens_seen": tokens_seen,
                                                "loss_tokens_seen": loss_tokens_seen,
                                                "first_loss": first_loss, "last_loss": last_loss},
-                                 loss=last_loss)
+                                 loss=last_loss if evaluate is None else eval_loss)
     finally:
         bar.close()
         writer.close()
     summary.update({"steps": total_steps, "first_loss": first_loss, "last_loss": last_loss})
+    if held_out is not None:
+        summary["eval"] = {"tokenize": dataclasses.asdict(held_out.stats), "eval_loss": eval_loss,
+                           "train_duplicates_dropped": held_out.duplicates_dropped}
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("done: %d steps, loss %.4f -> %.4f; run dir %s", total_steps, first_loss, last_loss, run_dir)
     return TrainResult(run_dir=run_dir, steps=total_steps, first_loss=first_loss,
-                       last_loss=last_loss, state=state)
+                       last_loss=last_loss, state=state, eval_loss=eval_loss)
+
+
+def _held_out_evaluator(cfg: Config, held_out: HeldOut | None, mesh, shardings: TrainState, batch_sh,
+                        tokenizer):
+    """params -> EvalLoss over the whole held-out set, batched and placed like training; None
+    without a held-out set."""
+    if held_out is None:
+        return None
+    # Eval batches are training micro-batches: the most rows training runs forward at once, so
+    # eval never needs more activation memory than training (logits are [rows, T, V] in fp32).
+    rows = cfg.train.batch_size // cfg.train.grad_accum
+    batches = eval_batches(held_out.input_ids, held_out.loss_mask, batch_size=rows,
+                           seq_len=cfg.data.max_len, pad_id=special_ids(tokenizer).pad,
+                           packing=cfg.data.packing, pack_window=cfg.data.pack_window,
+                           shard_index=jax.process_index(), shard_count=jax.process_count())
+    step_fn = jax.jit(functools.partial(eval_step, model=Llama(cfg.model)),
+                      in_shardings=(shardings.params, batch_sh), out_shardings=sharding.replicated(mesh))
+    log.info("eval: %d held-out examples (%d response tokens) in %d batches; %d duplicate training "
+             "rows dropped", held_out.stats.kept, held_out.stats.loss_tokens, len(batches),
+             held_out.duplicates_dropped)
+    place = functools.partial(_to_global, accum=1, global_batch=rows, batch_sh=batch_sh)
+    return lambda params: mean_eval_loss(step_fn, params, batches, place, held_out.stats.kept)

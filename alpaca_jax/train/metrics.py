@@ -29,7 +29,9 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+                    # eval_loss -> eval/loss beside train/loss in TensorBoard's panels
+                    tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    self._tb.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
         if self._file is not None:

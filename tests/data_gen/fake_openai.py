@@ -139,8 +139,9 @@ class FakeOpenAI:
 
     def __init__(self, fault_rate: float = 0.0, garbage_rate: float = 0.0, stall_s: float = 1.0,
                  latency_s: float = 0.0, kinds: tuple[str, ...] = _FAULT_KINDS,
-                 garbage_kind: str = "not_json"):
+                 garbage_kind: str = "not_json", reply=scripted_reply):
         assert garbage_kind in GARBAGE_KINDS, garbage_kind
+        self.reply = reply  # prompt -> (text, finish_reason); other tests (the eval judge) script their own
         self.fault_rate = fault_rate
         self.garbage_rate = garbage_rate
         self.garbage_kind = garbage_kind
@@ -221,7 +222,7 @@ class FakeOpenAI:
                     self._send(200, json.dumps({"id": f"cmpl-{rid}", "object": "text_completion",
                                                 "model": body["model"], "usage": None}).encode())
                 else:
-                    text, finish = scripted_reply(prompt)
+                    text, finish = fake.reply(prompt)
                     text, stopped = apply_stop(text, body.get("stop"))
                     finish = "stop" if stopped else finish
                     if fault == "garbage":           # "no_task": well-formed, but nothing to parse

@@ -1,0 +1,37 @@
+"""The eval results as a Markdown table: one row per run, so ablations read side by side."""
+
+from __future__ import annotations
+
+__all__ = ["markdown_table"]
+
+
+def _num(value, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _win(judge: dict | None) -> str:
+    if not judge or judge.get("win_rate") is None:
+        return "–"
+    low, high = judge["win_rate_ci95"]
+    return f"{100 * judge['win_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def markdown_table(results: dict) -> str:
+    baseline = results.get("baseline")
+    lines = [f"# Evaluation on `{results['data']}` ({results['instructions']} instructions)", ""]
+    lines.append(f"| run | perplexity | ROUGE-L | win rate vs {baseline or '–'} (95% CI) | W / T / L "
+                 f"| position consistency | mean answer words |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
+    for run in results["runs"]:
+        judge = run.get("judge")
+        wtl = f"{judge['wins']} / {judge['ties']} / {judge['losses']}" if judge else "–"
+        consistency = judge.get("position_consistency") if judge else None
+        win = "baseline" if run["name"] == baseline else _win(judge)
+        lines.append(f"| {run['name']} | {_num(run.get('perplexity'), '.3f')} "
+                     f"| {_num(run.get('rouge_l'), '.4f')} | {win} | {wtl} "
+                     f"| {'–' if consistency is None else f'{100 * consistency:.1f}%'} "
+                     f"| {run['mean_output_words']:.1f} |")
+    notes = [f"- {what} skipped: {why}" for what, why in results.get("skipped", {}).items()]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,88 @@
+"""Loading a model to decode with: weights, config and tokenizer from any of our formats.
+
+`load_model` accepts a run directory (its latest checkpoint), a checkpoint directory
+(`RUN/checkpoints/STEP`), an `import-hf` output, or a local Hugging Face LLaMA directory. The
+weights are placed by the same logical-axis rules as in training, on `mesh` when one is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from alpaca_jax import sharding
+from alpaca_jax.checkpoint import CheckpointError, abstract_like, find_params, restore_params
+from alpaca_jax.config import MeshConfig, ModelConfig
+from alpaca_jax.data.tokenizer import load_tokenizer
+from alpaca_jax.hf import load_hf_params, model_config_from_hf, read_hf_config
+from alpaca_jax.hf.config_json import hf_dtype
+from alpaca_jax.hf.convert import TOKENIZER_FILES
+from alpaca_jax.model import logical_axes, param_shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """Everything decoding needs; build it with `load_model`."""
+    config: ModelConfig     # the model's shape (remat off: nothing is differentiated here)
+    params: Any             # parameter pytree, placed on the mesh
+    tokenizer: Any          # a Hugging Face tokenizer
+    add_bos: bool           # prepend BOS to every prompt (as in training)
+    name: str               # a short name: the run or model directory's name
+    max_len: int            # context limit in tokens (prompt + generated)
+    mesh: Any = None        # the jax Mesh the params live on (None: the default device)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt ids as training built them: [BOS] + the prompt tokenized without specials."""
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        return ([bos] if self.add_bos and bos is not None else []) + list(ids)
+
+
+def _find_tokenizer(*candidates) -> Path:
+    for candidate in candidates:
+        if candidate and any((Path(candidate) / f).is_file() for f in TOKENIZER_FILES):
+            return Path(candidate)
+    raise CheckpointError(f"no tokenizer found (looked in {', '.join(str(c) for c in candidates if c)})")
+
+
+def _shardings(cfg: ModelConfig, mesh, rules):
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, param_shapes(cfg))
+    return sharding.tree_shardings(logical_axes(cfg), param_shapes(cfg), mesh, rules)
+
+
+def load_model(source: str | Path, mesh=None) -> LoadedModel:
+    """Weights, config and tokenizer from a run, checkpoint, import-hf output or HF directory."""
+    source = Path(source).expanduser()
+    if not source.is_dir():
+        raise CheckpointError(f"model directory not found: {source}")
+    if (source / "config.json").is_file():  # a Hugging Face LLaMA directory
+        hf = read_hf_config(source)
+        dtype = hf_dtype(hf) or "float32"  # compute in the dtype the weights were saved in
+        cfg = model_config_from_hf(hf, str(source / "config.json"), param_dtype=dtype, dtype=dtype)
+        rules = MeshConfig().rules
+        params = load_hf_params(source, cfg, None if mesh is None else _shardings(cfg, mesh, rules))
+        tokenizer = load_tokenizer(_find_tokenizer(source))
+        add_bos = tokenizer.bos_token_id is not None
+        name = source.absolute().name
+    else:
+        saved = find_params(source)
+        cfg = saved.config.model
+        params = restore_params(saved.params_dir,
+                                abstract_like(param_shapes(cfg), _shardings(cfg, mesh, saved.config.mesh.rules)))
+        tokenizer = load_tokenizer(_find_tokenizer(saved.run_dir / "tokenizer", saved.config.tokenizer.path))
+        add_bos = saved.config.tokenizer.add_bos
+        name = saved.run_dir.name
+    if tokenizer.eos_token_id is None:
+        raise CheckpointError(f"{source}: the tokenizer has no EOS token, so decoding could never stop")
+    cfg = dataclasses.replace(cfg, remat="none")  # same parameter tree; nothing to recompute
+    return LoadedModel(config=cfg, params=params, tokenizer=tokenizer, add_bos=add_bos, name=name,
+                       max_len=cfg.max_position_embeddings, mesh=mesh)

@@ -1,0 +1,88 @@
+"""`alpaca-jax respond`: answer every row of an instruction file, resumably.
+
+Input: Alpaca rows (`{instruction, input[, output]}`, JSON array or JSONL) or Self-Instruct
+tasks (`{instruction, instances: [{input, output}]}`, one row per instance). Output: JSONL, one
+line per answered row, keyed by the row's index, appended and flushed batch by batch. A rerun
+after a crash (even SIGKILL mid-write) drops a torn last line, skips the rows already answered
+and answers the rest, so every row ends up answered exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from alpaca_jax.data.records import DataError, read_records, resolve_data_path
+from alpaca_jax.data.templates import alpaca_prompt
+from alpaca_jax.infer import SamplingConfig, generate, load_model
+
+log = logging.getLogger("alpaca_jax")
+
+
+def _answered(output: Path, rows: list[dict[str, str]]) -> set[int]:
+    """Indices already in `output`; a torn last line (killed mid-write) is cut off first."""
+    if not output.is_file():
+        return set()
+    data = output.read_bytes()
+    keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial line
+    if keep < len(data):
+        with open(output, "r+b") as f:
+            f.truncate(keep)
+    done: set[int] = set()
+    for line_no, line in enumerate(data[:keep].decode("utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            index = record["index"]
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{output}:{line_no}: not a line written by respond") from None
+        if not (isinstance(index, int) and 0 <= index < len(rows)) or record.get("instruction") != rows[index]["instruction"]:
+            raise DataError(f"{output}:{line_no}: row {index} does not match the input file "
+                            f"(answers of another input? choose a new --output)")
+        done.add(index)
+    return done
+
+
+def _record(index: int, row: dict[str, str], completion) -> dict:
+    record = {"index": index, "instruction": row["instruction"], "input": row["input"]}
+    if row.get("output"):
+        record["reference"] = row["output"]  # the file's own answer, kept for comparison
+    if completion is None:
+        return {**record, "output": None, "error": "prompt longer than the model's context"}
+    return {**record, "output": completion.text, "finish_reason": completion.finish_reason,
+            "prompt_tokens": completion.prompt_tokens, "completion_tokens": len(completion.token_ids)}
+
+
+def respond(source: str | Path, input_path: str | Path, output_path: str | Path,
+            sampling: SamplingConfig = SamplingConfig(), *, batch_size: int = 16,
+            progress: bool = True) -> int:
+    """Answer the rows of `input_path` not yet in `output_path`; returns how many were answered now."""
+    rows = read_records(resolve_data_path(str(input_path)), require_output=False)
+    output = Path(output_path)
+    done = _answered(output, rows)
+    todo = [i for i in range(len(rows)) if i not in done]
+    if not todo:
+        log.info("respond: all %d rows of %s are already in %s", len(rows), input_path, output)
+        return 0
+    model = load_model(source)
+    prompts = {i: alpaca_prompt(rows[i]["instruction"], rows[i]["input"]) for i in todo}
+    fits = {i: len(model.encode(p)) < model.max_len for i, p in prompts.items()}
+    # Shortest first: batches of similar lengths waste less padding.
+    todo.sort(key=lambda i: len(prompts[i]))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+    with open(output, "a", encoding="utf-8") as out, \
+            tqdm(total=len(rows), initial=len(done), desc="respond", unit="row", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            ok = [i for i in chunk if fits[i]]
+            answers = dict(zip(ok, generate(model, [prompts[i] for i in ok], sampling, batch_size=batch_size)))
+            # One write per batch, then fsync: a kill leaves whole lines plus at most one torn line.
+            out.write("".join(json.dumps(_record(i, rows[i], answers.get(i)), ensure_ascii=False) + "\n"
+                              for i in chunk))
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(chunk))
+    log.info("respond: answered %d rows (%d were already done) into %s", len(todo), len(done), output)
+    return len(todo)

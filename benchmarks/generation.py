@@ -1,0 +1,212 @@
+"""Benchmark: text generation, ours (JAX, KV cache) vs transformers `generate` (PyTorch CPU, KV
+cache), on the same weights; and `serve` under concurrent streaming clients vs one at a time.
+
+Two shapes with random weights (init std 0.02), exported with `alpaca_jax.hf.export_hf` so both
+sides load the very same tensors:
+    tiny   the `tiny` preset (hidden 128, 4 layers, 4 heads / 2 KV heads, vocab 2048; 1.0M params)
+    30m    hidden 512, 8 layers, 8 heads, intermediate 1408, vocab 8192 (34.1M params), the
+           train-throughput benchmark's shape
+Decode: greedy, a 32-token prompt, N new tokens (EOS disabled on both sides, so every row runs
+all N steps), batch 1 and 16; tokens/s = batch * N / wall time of the whole call (prefill
+included), after an untimed warm-up call (compilation on our side; a 4-token call on transformers', which
+compiles nothing). The best of `--repeats` timed calls.
+Serve: 16 clients streaming completions (greedy, `--serve-tokens` each, distinct prompts)
+from `serve` of the 30m shape, all at once vs one after another: requests/s and time to first
+token (p50, p99).
+
+    python benchmarks/generation.py            # ~2-3 min; writes benchmarks/results/generation.json
+    python benchmarks/generation.py --quick    # smoke run: tiny shape, fewer tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    "tiny": dict(preset="tiny"),
+    "30m": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
+                num_kv_heads=8, max_position_embeddings=2048),
+}
+PROMPT_TOKENS = 32
+
+
+class _NoEos:
+    """The model's tokenizer with an EOS id outside the vocabulary: every row decodes N tokens."""
+
+    def __init__(self, tokenizer, vocab: int):
+        self._tokenizer, self.eos_token_id, self.pad_token_id = tokenizer, vocab + 1, 0
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def _make_run(root: Path, shape: str) -> Path:
+    """A run directory with random weights and a byte-level BPE, plus its HF export."""
+    import jax
+    from alpaca_jax.checkpoint import save_params
+    from alpaca_jax.config import config_from_dict, save_config
+    from alpaca_jax.data.templates import alpaca_prompt
+    from alpaca_jax.data.tokenizer import train_bpe_tokenizer
+    from alpaca_jax.hf import export_hf
+    from alpaca_jax.model import init_params
+
+    cfg = config_from_dict({"model": SHAPES[shape]})
+    run = root / shape
+    run.mkdir(parents=True)
+    save_params(run, init_params(cfg.model, jax.random.key(0)))
+    texts = [alpaca_prompt(f"Explain the number {i} in words.") for i in range(100)]
+    train_bpe_tokenizer(texts, 512, 1).save_pretrained(str(run / "tokenizer"))
+    save_config(cfg, run / "config.yaml")
+    export_hf(run, root / f"{shape}-hf")
+    return run
+
+
+def _prompts(batch: int, vocab: int, seed: int = 0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(4, min(vocab, 512), PROMPT_TOKENS)) for _ in range(batch)]
+
+
+def _ours_tokens_per_s(model, batch: int, new_tokens: int, repeats: int) -> float:
+    from alpaca_jax.infer import Row, SamplingConfig, decode_rows
+    rows = [Row([model.tokenizer.bos_token_id] + p, SamplingConfig(max_new_tokens=new_tokens))
+            for p in _prompts(batch, model.config.vocab_size)]
+    decode_rows(model, rows, max_batch=16)  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        done = decode_rows(model, rows, max_batch=16)
+        best = min(best, time.perf_counter() - start)
+        assert all(len(c.token_ids) == new_tokens for c in done)
+    return batch * new_tokens / best
+
+
+def _hf_tokens_per_s(hf_dir: Path, batch: int, new_tokens: int, repeats: int, vocab: int, bos: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32).eval()
+    ids = torch.tensor([[bos] + p for p in _prompts(batch, vocab)])
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=vocab + 1,
+                  pad_token_id=0, use_cache=True)
+    best = float("inf")
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up (nothing to compile)
+        kwargs.update(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = model.generate(ids, **kwargs)
+            best = min(best, time.perf_counter() - start)
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return batch * new_tokens / best
+
+
+def _percentile(values, q: float) -> float:
+    import numpy as np
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _serve(model, clients: int, new_tokens: int) -> dict:
+    """Streaming clients against `serve`: all at once, then the same requests one at a time."""
+    import openai
+    from alpaca_jax.serve import ServeConfig, ServerThread, make_app
+    prompts = [f"Explain the number {i} in words." for i in range(clients)]
+    app = make_app(model, ServeConfig(model_name="bench", max_batch=16))
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=600)
+
+        def one(prompt: str, ttft: list, texts: list, n: int = 1):
+            start = time.perf_counter()
+            stream = client.completions.create(model="bench", prompt=prompt, max_tokens=new_tokens,
+                                               temperature=0, stream=True, n=n)
+            first, pieces = None, []
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].text and first is None:
+                    first = time.perf_counter() - start
+                pieces.extend(c.text for c in chunk.choices)
+            ttft.append(first if first is not None else time.perf_counter() - start)
+            texts.append("".join(pieces))
+
+        for n in (1, 2, 4, 8, 16):  # compile every batch bucket outside the timings (n rows each)
+            one(prompts[0], [], [], n)
+        results = {}
+        for mode in ("sequential", "concurrent"):
+            ttft: list[float] = []
+            texts: list[str] = []
+            start = time.perf_counter()
+            if mode == "sequential":
+                for p in prompts:
+                    one(p, ttft, texts)
+            else:
+                threads = [threading.Thread(target=one, args=(p, ttft, texts)) for p in prompts]
+                [t.start() for t in threads]
+                [t.join() for t in threads]
+            elapsed = time.perf_counter() - start
+            results[mode] = {"requests_per_s": clients / elapsed, "wall_s": elapsed,
+                             "ttft_p50_s": _percentile(ttft, 50), "ttft_p99_s": _percentile(ttft, 99)}
+            results[f"{mode}_texts"] = sorted(texts)
+    same = results.pop("sequential_texts") == results.pop("concurrent_texts")
+    return {**results, "same_texts": same, "clients": clients, "max_tokens": new_tokens,
+            "speedup": results["concurrent"]["requests_per_s"] / results["sequential"]["requests_per_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shape only, fewer tokens (smoke run)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per row (default 64)")
+    parser.add_argument("--serve-tokens", type=int, default=48, help="max_tokens per serve request (default 48)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed calls per measurement; the best counts")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "generation.json"))
+    args = parser.parse_args()
+    shapes = ["tiny"] if args.quick else ["tiny", "30m"]
+    new_tokens = 16 if args.quick else args.new_tokens
+    serve_tokens = 8 if args.quick else args.serve_tokens
+
+    import jax
+    import torch
+    from alpaca_jax.infer import load_model
+    from alpaca_jax.model import count_params
+    report = {"machine": platform.processor() or platform.machine(), "jax": jax.__version__,
+              "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+              "new_tokens": new_tokens, "prompt_tokens": PROMPT_TOKENS + 1, "decode": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            run = _make_run(Path(tmp), shape)
+            model = load_model(run)
+            model = dataclasses.replace(model, tokenizer=_NoEos(model.tokenizer, model.config.vocab_size))
+            rows = {"params": count_params(model.config)}
+            for batch in (1, 16):
+                ours = _ours_tokens_per_s(model, batch, new_tokens, args.repeats)
+                theirs = _hf_tokens_per_s(Path(tmp) / f"{shape}-hf", batch, new_tokens, args.repeats,
+                                          model.config.vocab_size, model.tokenizer.bos_token_id)
+                rows[f"batch_{batch}"] = {"ours_tokens_per_s": ours, "transformers_tokens_per_s": theirs,
+                                          "ratio": ours / theirs}
+                print(f"{shape} batch {batch}: ours {ours:.0f} tok/s, transformers {theirs:.0f} tok/s "
+                      f"({ours / theirs:.2f}x)", flush=True)
+            report["decode"][shape] = rows
+        serve_shape = shapes[-1]
+        model = load_model(Path(tmp) / serve_shape)
+        report["serve"] = {"shape": serve_shape, **_serve(model, 16, serve_tokens)}
+        s = report["serve"]
+        print(f"serve ({serve_shape}, 16 streaming clients, {serve_tokens} tokens): concurrent "
+              f"{s['concurrent']['requests_per_s']:.2f} req/s vs sequential {s['sequential']['requests_per_s']:.2f} "
+              f"({s['speedup']:.1f}x); TTFT p50/p99 concurrent {s['concurrent']['ttft_p50_s']:.3f}/"
+              f"{s['concurrent']['ttft_p99_s']:.3f} s, sequential {s['sequential']['ttft_p50_s']:.3f}/"
+              f"{s['sequential']['ttft_p99_s']:.3f} s; same texts: {s['same_texts']}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
