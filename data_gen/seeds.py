@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from alpaca_jax.configlib import ConfigError
+from alpaca_jax.files import read_utf8
 from data_gen.prompts import SeedTask
 
 __all__ = ["load_seed_tasks"]
@@ -21,7 +22,7 @@ def load_seed_tasks(path: str | Path) -> list[SeedTask]:
     if not path.is_file():
         raise ConfigError(f"seed task file not found: {path} (pipeline.seed_tasks)")
     tasks = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path, ConfigError).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import datasets
 
+from alpaca_jax.files import read_utf8
+
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -41,7 +43,7 @@ def resolve_data_path(name: str) -> Path:
 
 def _json_objects(path: Path) -> Iterator[tuple[int, object]]:
     """Yield (line number, value) for each top-level row of a JSON array or JSONL file."""
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, DataError)
     stripped = text.lstrip()
     decoder = json.JSONDecoder()
     if stripped.startswith("["):
