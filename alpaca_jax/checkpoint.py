@@ -39,6 +39,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be found, does not fit the model, or could not be written; the message
     says which, in one line."""
 
+    # After a failed save, Orbax's helper threads of that save wait for signals that never come
+    # (for minutes, and the interpreter joins them at exit): a command may leave without them.
+    abandon_threads = False
+
 
 class _OrbaxFailureLogFilter(logging.Filter):
     """Orbax logs a failed background save with a traceback from each of its threads (absl
@@ -46,10 +50,27 @@ class _OrbaxFailureLogFilter(logging.Filter):
     the CLI prints; the tracebacks would only bury it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        traceback = record.exc_info[2] if record.exc_info else None
+        files = [record.pathname]
+        while traceback is not None:
+            files.append(traceback.tb_frame.f_code.co_filename)
+            traceback = traceback.tb_next
+        return not any(f"{os.sep}orbax{os.sep}" in f for f in files)
+
+
+class _ClosedLoopCallbackFilter(logging.Filter):
+    """When a save fails, Orbax closes its event loop while worker threads of that save are still
+    finishing; each then logs 'exception calling callback' with 'Event loop is closed'."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
 
 
 logging.getLogger("absl").addFilter(_OrbaxFailureLogFilter())
+logging.getLogger("concurrent.futures").addFilter(_ClosedLoopCallbackFilter())
 
 
 class Checkpointer:
@@ -111,8 +132,10 @@ class Checkpointer:
     def _failure(self, step: int | None, error: Exception) -> CheckpointError:
         self._failed = True
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return CheckpointError(f"saving checkpoint {step} in {self.directory} failed: {reason}; "
-                               f"stopping (a rerun resumes from the last complete checkpoint)")
+        failure = CheckpointError(f"saving checkpoint {step} in {self.directory} failed: {reason}; "
+                                  f"stopping (a rerun resumes from the last complete checkpoint)")
+        failure.abandon_threads = True
+        return failure
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
         """The state at `step`, placed as `abstract_state` (ShapeDtypeStructs with shardings) says."""
@@ -138,15 +161,13 @@ class Checkpointer:
             raise self._failure(step, e) from None
 
     def close(self) -> None:
-        """Wait for an in-flight save to commit, then release the manager's threads. A failure
-        already raised is not raised again (Orbax repeats it on every wait)."""
-        if not self._failed:
-            self.wait()
-        try:
-            self._manager.close()
-        except Exception as e:
-            if not self._failed:
-                raise self._failure(None, e) from None
+        """Wait for an in-flight save to commit, then release the manager's threads. After a
+        failed save nothing is touched: Orbax would raise the failure again and its half-stopped
+        threads print tracebacks (see CheckpointError.abandon_threads)."""
+        if self._failed:
+            return
+        self.wait()
+        self._manager.close()
 
 
 def _fields(state) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from alpaca_jax.configlib import ConfigError
@@ -106,7 +107,8 @@ def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and sys.argv[1:2] == ["train"]:
+    is_process = argv is None  # a real `alpaca-jax` process, not a call from Python
+    if is_process and sys.argv[1:2] == ["train"]:
         # A real `alpaca-jax train` process (not a call from Python): restart it once with
         # glibc tuned so XLA's per-step host buffers are reused (see host_malloc.py).
         from alpaca_jax.host_malloc import maybe_reexec_with_host_malloc_tuning
@@ -120,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)  # 2 for bad input; 128+signal for an interrupted run
+        code = getattr(e, "exit_code", 2)  # 2 for bad input; 128+signal for an interrupted run
+        if is_process and getattr(e, "abandon_threads", False):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)  # see CheckpointError.abandon_threads: nothing is left to write
+        return code
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
         print("interrupted", file=sys.stderr)
         return 130
