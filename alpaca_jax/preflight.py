@@ -89,9 +89,10 @@ def _normal(value: Any) -> Any:
     return value
 
 
-def check_resume_config(run_dir: Path, cfg, step: int) -> None:
+def check_resume_config(run_dir: Path, cfg, step: int, keep_old: bool = True) -> None:
     """Resuming `run_dir` at checkpoint `step` with `cfg`: refuse a change to the run's math
-    (unless train.allow_config_change), and keep the old config as config.<step>.yaml."""
+    (unless train.allow_config_change), and keep the old config as config.<step>.yaml (when
+    `keep_old`: one process of a multi-process run writes it, every process checks)."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return
@@ -101,5 +102,5 @@ def check_resume_config(run_dir: Path, cfg, step: int) -> None:
         raise ConfigError(f"{saved_path}: resuming checkpoint {step} with a changed config: "
                           f"{', '.join(changed)}; set train.allow_config_change=true to resume "
                           f"anyway, or choose another run.dir")
-    if saved != to_dict(cfg):
+    if keep_old and saved != to_dict(cfg):
         shutil.copyfile(saved_path, run_dir / f"config.{step}.yaml")

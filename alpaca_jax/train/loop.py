@@ -160,8 +160,8 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
     if resume_step is not None and not cfg.train.resume:
         raise TrainingError(f"{run_dir} already has a checkpoint (step {resume_step}) and "
                             f"train.resume=false; choose another run.dir or allow resuming")
-    if resume_step is not None and is_main:
-        check_resume_config(run_dir, cfg, resume_step)
+    if resume_step is not None:
+        check_resume_config(run_dir, cfg, resume_step, keep_old=is_main)
     mesh = sharding.make_mesh(cfg.mesh, devices)  # before the data: a bad mesh or batch fails fast
     sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, dict(mesh.shape), cfg.mesh.rules)
 
