@@ -132,7 +132,10 @@ def field_comments(cls: type) -> dict[str, str]:
     """{field name: its one-line comment}, read from the dataclass's source: the `# ...` at the
     end of the field's line, or a comment line right above it. The comment is written once,
     beside the field, and `commented_yaml` prints that very text."""
-    source = textwrap.dedent(inspect.getsource(cls))
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source shipped (a bytecode-only install): no comments
+        return {}
     trailing, alone = {}, {}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:

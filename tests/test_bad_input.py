@@ -150,12 +150,15 @@ def _run(row: Row, tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> dict[str, dict]:
+def outcomes(tmp_path_factory, request) -> dict[str, dict]:
     if not READ_ONLY.is_dir():
         pytest.skip(f"{READ_ONLY} is absent: the rows need a folder no user can write to (Linux sysfs)")
     root = tmp_path_factory.mktemp("bad_input")
+    # Only the rows pytest selected (`-k train-` runs those), all at once.
+    selected = {item.callspec.params["row"].id for item in request.session.items
+                if item.module is request.module and "row" in getattr(getattr(item, "callspec", None), "params", {})}
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {row.id: pool.submit(_run, row, root / row.id) for row in ROWS}
+        futures = {row.id: pool.submit(_run, row, root / row.id) for row in ROWS if row.id in selected}
         return {name: {**future.result(), "tmp": root / name} for name, future in futures.items()}
 
 
