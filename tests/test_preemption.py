@@ -26,8 +26,8 @@ from helpers import random_examples
 STEPS = 60
 # log_every=7: the signal lands between log lines, so the checkpoint must carry the unlogged
 # steps; every=25: periodic (async) saves happen before and after it.
-OVERRIDES = [f"train.max_steps={STEPS}", "train.log_every=7", "checkpoint.every=25", "checkpoint.keep=2",
-             "train.progress_bar=false", "run.tensorboard=false"]
+SMALL = ["model.num_layers=2", "data.max_len=128", "train.progress_bar=false", "run.tensorboard=false"]
+OVERRIDES = [f"train.max_steps={STEPS}", "train.log_every=7", "checkpoint.every=25", "checkpoint.keep=2", *SMALL]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
@@ -113,8 +113,7 @@ def test_a_checkpoint_save_that_fails_mid_run_stops_the_run(tmp_path):
         pytest.skip("/sys/kernel is absent: the test needs a folder no user can write to (Linux sysfs)")
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "alpaca_jax.cli", "train", f"run.dir={run_dir}", "train.max_steps=5000",
-               "checkpoint.every=1", "checkpoint.keep=1", "train.progress_bar=false", "run.tensorboard=false",
-               "train.log_every=1000"]
+               "checkpoint.every=1", "checkpoint.keep=1", "train.log_every=1000", *SMALL]
     proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     checkpoints = run_dir / "checkpoints"
