@@ -52,3 +52,9 @@ def test_every_config_key_has_a_comment_and_a_readme_row():
             missing_row.append(key)
     assert not missing_comment, f"keys without a comment in config.py: {missing_comment}"
     assert not missing_row, f"keys without a row in README's 'Config keys' table: {missing_row}"
+
+
+def test_train_help_points_to_the_config_command():
+    out = subprocess.run([sys.executable, "-m", "alpaca_jax.cli", "train", "--help"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and "alpaca-jax config [CONFIG] [overrides]" in " ".join(out.stdout.split())
