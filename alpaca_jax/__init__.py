@@ -9,4 +9,11 @@ start fast; the public API lives in the subpackages:
 - `alpaca_jax.train`     train state, the pure train step, optimizer, the training loop
 """
 
+import os
+
+# transformers, imported for its tokenizers only, says "PyTorch was not found. Models won't be
+# available..." on every start where torch is absent: advice for its model classes, which
+# alpaca-jax never uses (exports are checked with PyTorch where it is installed).
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,41 @@ META_ITEM = "meta"               # JSON: data iterator position, counters
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be found or does not fit the model; the message says which, in one line."""
+    """A checkpoint cannot be found, does not fit the model, or could not be written; the message
+    says which, in one line."""
+
+    # After a failed save, Orbax's helper threads of that save wait for signals that never come
+    # (for minutes, and the interpreter joins them at exit): a command may leave without them.
+    abandon_threads = False
+
+
+class _OrbaxFailureLogFilter(logging.Filter):
+    """Orbax logs a failed background save with a traceback from each of its threads (absl
+    ERROR records). `Checkpointer` raises that same failure as one `CheckpointError` line, which
+    the CLI prints; the tracebacks would only bury it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        traceback = record.exc_info[2] if record.exc_info else None
+        files = [record.pathname]
+        while traceback is not None:
+            files.append(traceback.tb_frame.f_code.co_filename)
+            traceback = traceback.tb_next
+        return not any(f"{os.sep}orbax{os.sep}" in f for f in files)
+
+
+class _ClosedLoopCallbackFilter(logging.Filter):
+    """When a save fails, Orbax closes its event loop while worker threads of that save are still
+    finishing; each then logs 'exception calling callback' with 'Event loop is closed'."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
+
+
+logging.getLogger("absl").addFilter(_OrbaxFailureLogFilter())
+logging.getLogger("concurrent.futures").addFilter(_ClosedLoopCallbackFilter())
 
 
 class Checkpointer:
@@ -63,6 +98,8 @@ class Checkpointer:
         await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
         if await_cleanup is not None:
             await_cleanup()
+        self._in_flight: int | None = None  # the step of a save not yet known to have committed
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -80,7 +117,25 @@ class Checkpointer:
                  STATE_ITEM: ocp.args.StandardSave(rest),
                  META_ITEM: ocp.args.JsonSave({"step": step, **meta})}
         metrics = {"loss": loss} if loss is not None and np.isfinite(loss) else None
-        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        try:  # async: this also waits for the previous save, and raises its failure
+            self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        except Exception as e:
+            raise self._failure(self._in_flight or step, e) from None
+        self._in_flight = step
+
+    def raise_if_failed(self) -> None:
+        """Between steps: once a background save has ended, raise its failure if it failed, so
+        that a run whose disk became unwritable stops at once instead of training on unsaved."""
+        if self._in_flight is not None and not self._manager.is_saving_in_progress():
+            self.wait()
+
+    def _failure(self, step: int | None, error: Exception) -> CheckpointError:
+        self._failed = True
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        failure = CheckpointError(f"saving checkpoint {step} in {self.directory} failed: {reason}; "
+                                  f"stopping (a rerun resumes from the last complete checkpoint)")
+        failure.abandon_threads = True
+        return failure
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
         """The state at `step`, placed as `abstract_state` (ShapeDtypeStructs with shardings) says."""
@@ -98,11 +153,20 @@ class Checkpointer:
         return state, restored[META_ITEM]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until an in-flight save has committed; raise CheckpointError if it failed."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._failure(step, e) from None
 
     def close(self) -> None:
-        """Wait for an in-flight save to commit, then release the manager's threads."""
-        self._manager.wait_until_finished()
+        """Wait for an in-flight save to commit, then release the manager's threads. After a
+        failed save nothing is touched: Orbax would raise the failure again and its half-stopped
+        threads print tracebacks (see CheckpointError.abandon_threads)."""
+        if self._failed:
+            return
+        self.wait()
         self._manager.close()
 
 
@@ -174,6 +238,10 @@ def find_params(source: str | Path) -> SavedParams:
 def save_params(directory: str | Path, params) -> Path:
     """Write a params pytree (jax or numpy arrays) as an Orbax checkpoint in `directory/params`."""
     path = Path(directory).absolute() / PARAMS_ITEM
+    try:  # made here: Orbax's own failure to create it leaves its threads hanging for minutes
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {path.parent}: {e.strerror}") from None
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, params)
         checkpointer.wait_until_finished()
@@ -186,10 +254,10 @@ def restore_params(params_dir: str | Path, abstract_params=None):
     params_dir = Path(params_dir).absolute()
     with ocp.PyTreeCheckpointer() as checkpointer:
         if abstract_params is None:
-            saved = checkpointer.metadata(params_dir).item_metadata.tree
+            saved = _saved_tree(params_dir)
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
             return checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-        _check_shapes(checkpointer.metadata(params_dir).item_metadata.tree, abstract_params, params_dir)
+        _check_shapes(_saved_tree(params_dir), abstract_params, params_dir)
         restore_args = jax.tree.map(
             lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
             abstract_params)
@@ -199,6 +267,14 @@ def restore_params(params_dir: str | Path, abstract_params=None):
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"cannot restore {params_dir} into this model: "
                                   f"{str(e).splitlines()[0]}") from e
+
+
+def _saved_tree(params_dir: Path):
+    """The saved arrays' metadata tree. Read through the item handler: the checkpointer's own
+    `metadata()` also looks for a step-level metadata file, which an item inside a composite
+    checkpoint (`checkpoints/<step>/params`) does not have, and warns on every export."""
+    from etils import epath
+    return ocp.PyTreeCheckpointHandler().metadata(epath.Path(params_dir)).tree
 
 
 def _check_shapes(saved, expected, where: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from alpaca_jax.configlib import ConfigError
@@ -12,6 +13,7 @@ EPILOG = """\
 examples:
   alpaca-jax train                                  # the embedded default: tiny LLaMA on the bundled seed tasks
   alpaca-jax train configs/tiny.yaml train.max_steps=50 run.dir=runs/smoke
+  alpaca-jax config configs/tiny.yaml train.max_steps=50  # the resolved config, every key explained
   alpaca-jax train configs/alpaca_7b.yaml tokenizer.path=/models/llama-7b data.train_files=[alpaca_data.json]
   alpaca-jax train configs/vicuna_7b.yaml tokenizer.path=/models/llama-7b data.train_files=[sharegpt.json]
   alpaca-jax export-hf runs/smoke hf/smoke                # a run's latest checkpoint -> HF LLaMA dir
@@ -41,8 +43,19 @@ def _parser() -> argparse.ArgumentParser:
                     "train.max_steps=100 optimizer.learning_rate=1e-4 run.dir=runs/x. The run "
                     "directory receives config.yaml, metrics.jsonl, TensorBoard events, the "
                     "tokenizer and summary.json.",
-        epilog="sections: model tokenizer data optimizer train run mesh checkpoint (see README.md)")
+        epilog="sections: model tokenizer data optimizer train run mesh distributed checkpoint. "
+               "`alpaca-jax config [CONFIG] [overrides]` prints the resolved config with a comment "
+               "on every key. SIGTERM or Ctrl-C saves a checkpoint of the last finished step and "
+               "exits with 128+signal; rerun the same command to resume.")
     _add_config_arguments(train)
+
+    config = sub.add_parser(
+        "config", help="print the fully resolved config as YAML, every key with its meaning",
+        description="Resolve CONFIG (default: the embedded tiny config), its model.preset and the "
+                    "overrides exactly as `train` would, and print the result as YAML with each "
+                    "key's one-line comment. The output is itself a valid CONFIG.",
+        epilog="example: alpaca-jax config configs/alpaca_7b.yaml mesh.fsdp=8 > my_run.yaml")
+    _add_config_arguments(config)
 
     plan = sub.add_parser(
         "plan", help="per-device memory of a config on a mesh, before launching",
@@ -176,7 +189,8 @@ def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and sys.argv[1:2] == ["train"]:
+    is_process = argv is None  # a real `alpaca-jax` process, not a call from Python
+    if is_process and sys.argv[1:2] == ["train"]:
         # A real `alpaca-jax train` process (not a call from Python): restart it once with
         # glibc tuned so XLA's per-step host buffers are reused (see host_malloc.py).
         from alpaca_jax.host_malloc import maybe_reexec_with_host_malloc_tuning
@@ -186,51 +200,80 @@ def main(argv: list[str] | None = None) -> int:
         from data_gen.cli import main as data_gen_main  # data_gen parses its own arguments
         return data_gen_main(argv)
     args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = getattr(e, "exit_code", 2)  # 2 for bad input; 128+signal for an interrupted run
+        if is_process and getattr(e, "abandon_threads", False):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)  # see CheckpointError.abandon_threads: nothing is left to write
+        return code
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("jax._src.xla_bridge", "datasets", "absl", "httpx", "httpx2"):  # httpx: one line per judge request
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        if args.command == "train":
-            from alpaca_jax.config import load_config
-            from alpaca_jax.train import train
-            path, overrides = _split_config(args)
-            train(load_config(path, overrides))
-        elif args.command == "plan":
-            _plan(args)
-        elif args.command == "export-hf":
-            from alpaca_jax.hf import export_hf
-            from alpaca_jax.plan import parse_bytes
-            export_hf(args.source, args.out_dir, dtype=args.dtype,
-                      max_shard_size=parse_bytes(args.max_shard_size))
-        elif args.command == "eval":
-            _eval(args)
-        elif args.command == "import-hf":
-            from alpaca_jax.hf import import_hf
-            import_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
-        elif args.command == "chat":
-            from alpaca_jax.chat import chat
-            from alpaca_jax.infer import load_model
-            sampling = _sampling(args)
-            chat(load_model(args.model), sampling, system=args.system)
-        elif args.command == "respond":
-            from alpaca_jax.respond import respond
-            respond(args.model, args.input, args.output, _sampling(args), batch_size=args.batch_size)
-        elif args.command == "serve":
-            from alpaca_jax.serve import ServeConfig, api_key_from_env, serve
-            serve(args.model, ServeConfig(host=args.host, port=args.port, model_name=args.model_name,
-                                          api_key=api_key_from_env(args.api_key_env), max_batch=args.max_batch))
-        return 0
-    except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # Each command checks its config and output paths before importing JAX (seconds), so bad
+    # input fails fast; the library functions check them again for callers without the CLI.
+    from alpaca_jax import preflight
+    from alpaca_jax.config import load_config
+    if args.command == "train":
+        cfg = load_config(*_split_config(args))
+        preflight.check_train_outputs(cfg)
+        from alpaca_jax.train import train
+        train(cfg)
+    elif args.command == "config":
+        from alpaca_jax.configlib import commented_yaml
+        print(commented_yaml(load_config(*_split_config(args))), end="")
+    elif args.command == "plan":
+        _plan(args)
+    elif args.command == "export-hf":
+        from alpaca_jax.configlib import parse_bytes
+        max_shard_size = parse_bytes(args.max_shard_size)
+        preflight.check_export_hf(args.source, args.out_dir)
+        from alpaca_jax.hf import export_hf
+        export_hf(args.source, args.out_dir, dtype=args.dtype, max_shard_size=max_shard_size)
+    elif args.command == "import-hf":
+        preflight.check_import_hf(args.hf_dir, args.out_dir)
+        from alpaca_jax.hf import import_hf
+        import_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
+    elif args.command == "eval":
+        preflight.check_model_sources(args.runs, "RUN")
+        preflight.check_output_dir(args.out, "-o/--out")
+        _eval(args)
+    elif args.command == "chat":
+        preflight.check_model_sources([args.model], "MODEL")
+        from alpaca_jax.chat import chat
+        from alpaca_jax.infer import load_model
+        chat(load_model(args.model), _sampling(args), system=args.system)
+    elif args.command == "respond":
+        preflight.check_model_sources([args.model], "MODEL")
+        preflight.check_output_file(args.output, "-o/--output")
+        from alpaca_jax.respond import respond
+        respond(args.model, args.input, args.output, _sampling(args), batch_size=args.batch_size)
+    elif args.command == "serve":
+        preflight.check_model_sources([args.model], "MODEL")
+        from alpaca_jax.serve import ServeConfig, api_key_from_env, serve
+        serve(args.model, ServeConfig(host=args.host, port=args.port, model_name=args.model_name,
+                                      api_key=api_key_from_env(args.api_key_env), max_batch=args.max_batch))
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> None:
     from alpaca_jax.config import load_config
-    from alpaca_jax.plan import format_plan, parse_bytes, plan_memory
-    path, overrides = _split_config(args)
-    cfg = load_config(path, overrides)
+    from alpaca_jax.configlib import parse_bytes
+    cfg = load_config(*_split_config(args))
+    memory = parse_bytes(args.device_memory) if args.device_memory else None
+    if args.devices is not None and args.devices <= 0:
+        raise ConfigError(f"--devices must be positive, got {args.devices}")
+    from alpaca_jax.plan import format_plan, plan_memory
     devices = args.devices
     if devices is None:
         sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -239,7 +282,6 @@ def _plan(args: argparse.Namespace) -> None:
             devices = jax.device_count()
         else:
             devices = sizes[0] * sizes[1] * sizes[2]
-    memory = parse_bytes(args.device_memory) if args.device_memory else None
     print(format_plan(plan_memory(cfg, devices), cfg, memory))
 
 
@@ -251,14 +293,19 @@ def _eval(args: argparse.Namespace) -> None:
     print(markdown_table(results), end="")
 
 
+# Errors caused by the user's config, data or disk, by module: reported in one line, no traceback.
+USER_ERRORS = {"alpaca_jax.configlib": "ConfigError", "alpaca_jax.data.records": "DataError",
+               "alpaca_jax.train.loop": "TrainingError", "alpaca_jax.train.preemption": "Interrupted",
+               "alpaca_jax.checkpoint": "CheckpointError", "alpaca_jax.hf.errors": "ConversionError",
+               "alpaca_jax.infer.decode": "PromptError", "alpaca_jax.infer.conversation": "ConversationError",
+               "alpaca_jax.eval.runner": "EvalError", "alpaca_jax.eval.judge": "JudgeError"}
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors caused by the user's config or data: reported in one line, no traceback."""
-    from alpaca_jax.checkpoint import CheckpointError
-    from alpaca_jax.data.records import DataError
-    from alpaca_jax.eval import EvalError, JudgeError
-    from alpaca_jax.hf import ConversionError
-    from alpaca_jax.train.loop import TrainingError
-    return (ConfigError, DataError, TrainingError, CheckpointError, ConversionError, EvalError, JudgeError)
+    """The user-error classes of the modules loaded so far. A module never imported cannot have
+    raised, and importing it here would cost seconds (JAX) on the errors that must be fast."""
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items()
+                 if module in sys.modules)
 
 
 if __name__ == "__main__":

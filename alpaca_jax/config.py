@@ -156,13 +156,14 @@ class TrainConfig:
     """Loop length, batch, logging."""
     seed: int = 0                          # seeds init, shuffling and packing
     num_epochs: int = 3                    # passes over the training data
-    max_steps: int | None = None           # stop after this many optimizer steps (caps epochs)
+    max_steps: int | None = None           # total optimizer steps; overrides num_epochs (cuts or repeats the data, as HF Trainer)
     batch_size: int = 8                    # global batch in rows (packed rows or padded examples)
     grad_accum: int = 1                    # micro-batches per step; batch_size must divide evenly
     log_every: int = 10                    # steps between metric lines (step 1 always logged)
     eval_every: int | None = None          # steps between held-out evals (and always the last); null = last step only
     progress_bar: bool = True              # show a tqdm bar on stderr
     resume: bool = True                    # continue from the run dir's latest checkpoint; false = refuse a run dir that has one
+    allow_config_change: bool = False      # resume even if model/data/optimizer/schedule/batch/seed keys changed since the checkpoint
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.batch_size % self.grad_accum:

@@ -9,7 +9,14 @@ the offending key, so the CLI can print it and exit non-zero.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
+import re
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -17,8 +24,11 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from alpaca_jax.files import read_utf8
+
 __all__ = ["ConfigError", "build", "load_yaml", "parse_overrides", "apply_overrides",
-           "merge", "to_dict", "dump_yaml"]
+           "merge", "to_dict", "dump_yaml", "field_comments", "commented_yaml",
+           "parse_bytes"]
 
 
 class ConfigError(ValueError):
@@ -31,7 +41,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_utf8(path, ConfigError))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -115,6 +125,77 @@ def to_dict(cfg: Any) -> Any:
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """{field name: its one-line comment}, read from the dataclass's source: the `# ...` at the
+    end of the field's line, or a comment line right above it. The comment is written once,
+    beside the field, and `commented_yaml` prints that very text."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source shipped (a bytecode-only install): no comments
+        return {}
+    trailing, alone = {}, {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            text = token.string.lstrip("#").strip()
+            (alone if token.line.strip().startswith("#") else trailing)[token.start[0]] = text
+    comments = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = trailing.get(node.lineno) or trailing.get(node.end_lineno) or alone.get(node.lineno - 1)
+            if text:
+                comments[node.target.id] = text
+    return comments
+
+
+def commented_yaml(cfg: Any) -> str:
+    """A dataclass config as YAML, each key followed by its comment from the source; loading
+    the text back gives the same config."""
+    return "\n".join(_commented_lines(cfg, 0)) + "\n"
+
+
+def _commented_lines(cfg: Any, indent: int) -> list[str]:
+    comments = field_comments(type(cfg))
+    rows = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        comment = comments.get(f.name) or _doc_line(value)
+        pad = " " * indent
+        if dataclasses.is_dataclass(value):
+            rows.append((f"{pad}{f.name}:", comment))
+            rows.extend((line, None) for line in _commented_lines(value, indent + 2))
+        elif isinstance(value, dict) and value:  # a free-form mapping (mesh.rules): one entry a line
+            rows.append((f"{pad}{f.name}:", comment))
+            rows.extend((f"{pad}  {_flow(k)}: {_flow(to_dict(v))}", None) for k, v in value.items())
+        else:
+            rows.append((f"{pad}{f.name}: {_flow(to_dict(value))}", comment))
+    width = max(len(text) for text, comment in rows if comment is not None) if rows else 0
+    return [text if comment is None else f"{text.ljust(width)}  # {comment}" for text, comment in rows]
+
+
+def _doc_line(value: Any) -> str | None:
+    """A section's comment: the first line of its dataclass docstring."""
+    doc = type(value).__doc__ if dataclasses.is_dataclass(value) else None
+    return doc.strip().splitlines()[0] if doc and not doc.startswith(type(value).__name__ + "(") else None
+
+
+def _flow(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), sort_keys=False)
+    return text.removesuffix("...\n").strip()
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' -> 80e9, '80GiB' -> 80*2**30."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not match or match.group(2) not in _UNITS:
+        raise ConfigError(f"cannot read a memory size from '{text}' (e.g. 80GB, 40GiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def _join(prefix: str, key: str) -> str:

@@ -17,30 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import jax
 import numpy as np
 
 from alpaca_jax import sharding
 from alpaca_jax.config import Config
-from alpaca_jax.configlib import ConfigError
+from alpaca_jax.configlib import parse_bytes  # noqa: F401  (re-exported: it lived here first)
 from alpaca_jax.model.layers import DTYPES
 from alpaca_jax.model.params import logical_axes, param_shapes
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.state import optimizer_state_layout
-
-_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'80GB' -> 80e9, '80GiB' -> 80*2**30."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not match or match.group(2) not in _UNITS:
-        raise ConfigError(f"cannot read a memory size from '{text}' (e.g. 80GB, 40GiB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
@@ -90,12 +77,7 @@ def plan_memory(cfg: Config, num_devices: int) -> MemoryPlan:
     opt_specs = optimizer_state_layout(optimizer, opt_shapes, param_specs, jax.sharding.PartitionSpec(),
                                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     opt_bytes = _tree_bytes(opt_specs, opt_shapes, sizes)
-    data_parallel = sizes["data"] * sizes["fsdp"]
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if micro % data_parallel:
-        raise ConfigError(f"mesh: the micro-batch of {micro} rows (train.batch_size / train.grad_accum) "
-                          f"does not divide over data*fsdp = {data_parallel} devices")
-    rows = micro // data_parallel
+    rows = sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, sizes, cfg.mesh.rules)
     return MemoryPlan(devices=num_devices, mesh=sizes, params=params, grads=params,
                       optimizer=opt_bytes, activations=_activation_bytes(cfg, rows, sizes),
                       micro_batch_rows=rows)

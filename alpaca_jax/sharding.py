@@ -126,5 +126,21 @@ def batch_sharding(mesh: Mesh, rules: dict[str, Any], leading: int = 0) -> Named
     return NamedSharding(mesh, P(*([None] * leading), *spec))
 
 
+def check_batch_divides(batch_size: int, grad_accum: int, axis_sizes: dict[str, int],
+                        rules: dict[str, Any]) -> int:
+    """Rows per device per micro-batch; a config error naming both numbers when they do not divide."""
+    axes = logical_to_mesh(P("batch"), rules)[0]
+    names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    devices = math.prod(axis_sizes[a] for a in names)
+    micro = batch_size // grad_accum
+    if micro % devices:
+        product = "*".join(f"mesh.{a}" for a in names)
+        sizes = "*".join(str(axis_sizes[a]) for a in names)
+        raise ConfigError(f"train.batch_size ({batch_size}) / train.grad_accum ({grad_accum}) = {micro} "
+                          f"rows per micro-batch is not divisible by the {devices} data-parallel devices "
+                          f"({product} = {sizes})")
+    return micro // devices
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())

@@ -102,12 +102,14 @@ def _generate(args: argparse.Namespace) -> int:
 def _dedup(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from alpaca_jax.files import check_writable_file
     from data_gen.dedup import dedup_file
 
     if not 0.0 <= args.threshold <= 1.0:
         raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
     if not Path(args.input).is_file():
         raise ConfigError(f"input file not found: {args.input}")
+    check_writable_file(args.output, "-o", ConfigError)
     try:
         result = dedup_file(Path(args.input), Path(args.output), args.threshold, args.tokenizer, args.field)
     except ValueError as e:  # JSON errors and records without the field

@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from alpaca_jax.files import read_utf8
 from data_gen.rouge import (get_tokenizer, lcs_length_with_masks, min_duplicate_lcs,
                             min_duplicate_lcs_any, rouge_l_fmeasure)
 
@@ -274,22 +275,34 @@ def deduplicate(texts: Iterable[str], threshold: float = 0.7, tokenizer: str = "
 def read_instructions(path: Path, field: str = "instruction") -> tuple[list, list[str]]:
     """Records and their instruction texts from JSONL (one object per line) or a JSON array.
 
-    A record may also be a bare string (a list of instructions).
+    A record may also be a bare string (a list of instructions). Errors (ValueError) name the
+    file and line.
     """
-    text = Path(path).read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        records = json.loads(text)
+    text = read_utf8(path)
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        lines = [None] * len(records)  # an array's records are named by index
     else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records, lines = [], []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: malformed JSON: {e.msg}") from None
+                lines.append(number)
     texts = []
-    for i, record in enumerate(records):
+    for i, (record, line) in enumerate(zip(records, lines)):
         if isinstance(record, str):
             texts.append(record)
         elif isinstance(record, dict) and isinstance(record.get(field), str):
             texts.append(record[field])
         else:
-            raise ValueError(f"{path}: record {i} has no string field '{field}'")
+            where = f"{path}:{line}" if line is not None else f"{path}: record {i}"
+            raise ValueError(f"{where}: no string field '{field}'")
     return records, texts
 
 
@@ -306,7 +319,7 @@ def dedup_file(in_path: Path, out_path: Path, threshold: float = 0.7, tokenizer:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    if Path(in_path).read_text(encoding="utf-8").lstrip().startswith("["):
+    if read_utf8(in_path).lstrip().startswith("["):
         body = json.dumps(kept, ensure_ascii=False, indent=2) + "\n"
     else:
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alpaca_jax.configlib import dump_yaml
+from alpaca_jax.configlib import ConfigError, dump_yaml
+from alpaca_jax.files import check_writable_dir
 from data_gen.alpaca import run_alpaca
 from data_gen.budget import Budget
 from data_gen.config import GenerateConfig
@@ -55,9 +56,11 @@ def generate(config: GenerateConfig, client: Any = None) -> dict[str, Any]:
     """Run (or resume) the configured pipeline; returns the report that was written."""
     started = time.time()
     out = Path(config.output.dir)
+    # Both checks come before the output directory is touched: a failed start leaves nothing.
+    check_writable_dir(out, "output.dir", ConfigError)
+    seeds = load_seed_tasks(config.pipeline.seed_path)
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(config, out / "config.yaml")
-    seeds = load_seed_tasks(config.pipeline.seed_path)
     journal = Journal(out / "journal.jsonl")
     budget = Budget(config.budget, config.teacher.model)
     try:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from alpaca_jax.configlib import ConfigError
+from alpaca_jax.files import read_utf8
 from data_gen.prompts import DemoTask, SeedTask
 
 __all__ = ["load_seed_tasks", "load_instance_demos"]
@@ -22,7 +23,7 @@ def _records(path: Path, key: str):
     """(line number, record) for each non-empty line; a missing file is a ConfigError."""
     if not path.is_file():
         raise ConfigError(f"file not found: {path} ({key})")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path, ConfigError).splitlines(), start=1):
         if line.strip():
             try:
                 yield number, json.loads(line)

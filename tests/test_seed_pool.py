@@ -44,3 +44,17 @@ def test_seed_pool_is_our_own(shared_data):
     _, tasks = _pool()
     worst = max(scorer.score(o, t["instruction"])["rougeL"].fmeasure for t in tasks for o in original)
     assert worst < 0.7
+
+
+def test_no_two_seed_instructions_are_near_duplicates():
+    """The generator rejects a new instruction with ROUGE-L F > 0.7 against the pool; the pool
+    itself must pass that bar, pair by pair (data_gen's own scorer and dedup decisions)."""
+    from data_gen.dedup import deduplicate
+    from data_gen.rouge import lcs_length, rouge_l_fmeasure, rouge_tokenize
+    _, tasks = _pool()
+    instructions = [t["instruction"] for t in tasks]
+    assert deduplicate(instructions, threshold=0.7).dropped == []
+    tokens = [rouge_tokenize(text) for text in instructions]
+    worst = max(rouge_l_fmeasure(lcs_length(a, b), len(a), len(b))
+                for i, a in enumerate(tokens) for b in tokens[:i])
+    assert worst <= 0.7, worst

@@ -51,10 +51,12 @@ def test_tiny_main_job_end_to_end(tiny_run):
 def test_loss_curve_notebook_runs_on_a_real_kernel(tiny_run):
     run_dir, _ = tiny_run
     notebook = nbformat.read(REPO / "notebooks" / "loss_curves.ipynb", as_version=4)
-    os.environ["ALPACA_RUN_DIR"] = str(run_dir)
+    # Relative to the repository root, and the kernel started in the notebook's own folder, as
+    # Jupyter and `jupyter nbconvert --execute` start it.
+    os.environ["ALPACA_RUN_DIR"] = os.path.relpath(run_dir, REPO)
     try:
         NotebookClient(notebook, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(REPO)}}).execute()
+                       resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     finally:
         del os.environ["ALPACA_RUN_DIR"]
     printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import datasets
 
+from alpaca_jax.files import read_utf8
+
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -41,9 +43,9 @@ def resolve_data_path(name: str) -> Path:
 
 def json_rows(path: str | Path) -> Iterator[tuple[int, object]]:
     """(line number, value) of each top-level row of a JSON array or JSONL file, unvalidated
-    (each reader checks its own row layout); malformed JSON names file:line."""
+    (each reader checks its own row layout); malformed JSON or non-UTF-8 bytes name file:line."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, DataError)
     stripped = text.lstrip()
     decoder = json.JSONDecoder()
     if stripped.startswith("["):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from alpaca_jax.config import ModelConfig, RopeScalingConfig
+from alpaca_jax.files import read_utf8
 from alpaca_jax.hf.errors import ConversionError
 
 ARCHITECTURE = "LlamaForCausalLM"
@@ -32,7 +33,7 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConversionError(f"{directory}: no config.json (not a Hugging Face model directory)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_utf8(path, ConversionError))
     except ValueError as e:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
 

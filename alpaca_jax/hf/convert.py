@@ -34,6 +34,7 @@ from alpaca_jax.hf.tensor_files import (INDEX_FILE, SafetensorsReader, SAFETENSO
                                         TensorEntry, write_sharded)
 from alpaca_jax.hf.tokenizer_export import export_tokenizer
 from alpaca_jax.model.params import param_shapes
+from alpaca_jax.preflight import check_export_hf, check_import_hf
 
 log = logging.getLogger("alpaca_jax")
 
@@ -59,6 +60,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, dtype: str | None = No
     dtype = dtype or cfg.param_dtype
     if dtype not in NUMPY_DTYPES:
         raise ConversionError(f"export dtype must be one of {sorted(NUMPY_DTYPES)}, got {dtype!r}")
+    check_export_hf(source, out_dir)
     params = restore_params(saved.params_dir)  # host numpy arrays, one copy
     entries = _export_entries(params, cfg, NUMPY_DTYPES[dtype], str(saved.params_dir))
 
@@ -210,12 +212,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str | Non
     `param_dtype` defaults to the dtype the HF config declares (so HF -> ours -> HF is exact).
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_import_hf(hf_dir, out_dir)
     hf = read_hf_config(hf_dir)
     dtype = param_dtype or hf_dtype(hf) or "float32"
     model_cfg = model_config_from_hf(hf, str(hf_dir / "config.json"), param_dtype=dtype,
                                      scan_layers=scan_layers)
-    if (out_dir / "params").exists():
-        raise ConversionError(f"{out_dir / 'params'} already exists; choose a new output directory")
     params = load_hf_params(hf_dir, model_cfg)
     save_params(out_dir, params)
     del params

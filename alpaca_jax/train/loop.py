@@ -29,9 +29,11 @@ from alpaca_jax.data.split import split_sources
 from alpaca_jax.data.tokenize import tokenize_conversations
 from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
 from alpaca_jax.model import Llama, logical_axes
+from alpaca_jax.preflight import check_resume_config, check_train_outputs
 from alpaca_jax.train.evaluate import eval_batches, eval_step, mean_eval_loss
 from alpaca_jax.train.metrics import MetricsWriter
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
+from alpaca_jax.train.preemption import Interrupted, StopRequest
 from alpaca_jax.train.state import TrainState, create_train_state, fresh_train_state, state_shardings
 from alpaca_jax.train.step import train_step
 
@@ -141,7 +143,36 @@ def _abstract_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState
     return abstract_like(shapes, shardings)
 
 
+def _extend_to_max_steps(iterator: BatchIterator, max_steps: int | None) -> int:
+    """The run's length. `train.max_steps` overrides `train.num_epochs` as in HF Trainer: fewer
+    steps cut the last epoch short, more steps add epochs (each a fresh shuffle) until covered."""
+    if max_steps is None:
+        return iterator.total_steps()
+    planned = iterator.num_epochs
+    while iterator.total_steps() < max_steps:
+        iterator.num_epochs += 1
+    if iterator.num_epochs > planned:
+        log.info("train.max_steps=%d is more than train.num_epochs=%d cover; training %d epochs",
+                 max_steps, planned, iterator.num_epochs)
+    return max_steps
+
+
+def _window_to_json(window: list[dict]) -> list[dict]:
+    """Per-step metrics not yet logged, as JSON that restores to the same numpy values: a run
+    stopped between log steps resumes its log window, and logs the same means bit for bit."""
+    fetched = jax.device_get(window)
+    return [{key: [np.asarray(value).item(), np.asarray(value).dtype.name] for key, value in m.items()}
+            for m in fetched]
+
+
+def _window_from_json(saved: list[dict]) -> list[dict]:
+    return [{key: np.asarray(value, dtype) for key, (value, dtype) in m.items()} for m in saved]
+
+
 def train(cfg: Config, devices=None) -> TrainResult:
+    """Run (or resume) the configured training. SIGTERM or SIGINT (Ctrl-C) during the steps
+    saves a checkpoint of the last finished step and raises `Interrupted`."""
+    check_train_outputs(cfg)
     distributed.initialize(cfg.distributed)
     cfg = _with_pretrained_tokenizer(cfg)
     run_dir = cfg.run.path
@@ -159,19 +190,20 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
     if resume_step is not None and not cfg.train.resume:
         raise TrainingError(f"{run_dir} already has a checkpoint (step {resume_step}) and "
                             f"train.resume=false; choose another run.dir or allow resuming")
-    if is_main:
-        save_config(cfg, run_dir / "config.yaml")
+    if resume_step is not None:
+        check_resume_config(run_dir, cfg, resume_step, keep_old=is_main)
+    mesh = sharding.make_mesh(cfg.mesh, devices)  # before the data: a bad mesh or batch fails fast
+    sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, dict(mesh.shape), cfg.mesh.rules)
 
     iterator, tokenizer, stats, per_source, held_out = build_batches(cfg, run_dir)
-    total_steps = iterator.total_steps()
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    if is_main:  # after the data loaded: a run stopped by a bad row leaves no config behind
+        save_config(cfg, run_dir / "config.yaml")
+    total_steps = _extend_to_max_steps(iterator, cfg.train.max_steps)
     log.info("data: %d examples, %d kept, %d truncated to %d tokens, %d split, %d dropped (prompt too "
              "long); %d tokens, %d in the loss; packing efficiency %.1f%%; %d steps",
              stats.examples, stats.kept, stats.truncated, cfg.data.max_len, stats.split, stats.dropped,
              stats.tokens, stats.loss_tokens, 100 * iterator.packing_efficiency(), total_steps)
 
-    mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.rules
     schedule = learning_rate_schedule(cfg.optimizer, total_steps)
     optimizer = make_optimizer(cfg.optimizer, schedule, logical_axes(cfg.model))
@@ -199,13 +231,14 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
                "total_steps": total_steps, "devices": len(mesh.devices.flat)}
     first_loss, last_loss = resumed.get("first_loss", math.nan), resumed.get("last_loss", math.nan)
     eval_loss = None
-    window: list[dict] = []
+    window = _window_from_json(resumed.get("window", []))  # steps since the last log line
     tokens_seen, loss_tokens_seen = resumed.get("tokens_seen", 0), resumed.get("loss_tokens_seen", 0)
     start_step = resume_step or 0
     window_start = time.perf_counter()
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (cfg.train.progress_bar and is_main))
+    stop = StopRequest.install()
     try:
         for step in range(start_step + 1, total_steps + 1):
             batch = _to_global(next(iterator), cfg.train.grad_accum, cfg.train.batch_size, batch_sh)
@@ -250,12 +283,22 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
                 if not math.isfinite(loss):
                     raise TrainingError(f"loss is {loss} at step {step}; stopping (try a lower "
                                         f"optimizer.learning_rate, or check the data)")
-            if save_now:
+            stopping = stop.received is not None and step < total_steps
+            if save_now or stopping:  # a stop between log steps also saves the unlogged window
                 checkpoints.save(step, state, {"data": iterator.state(), "tokens_seen": tokens_seen,
                                                "loss_tokens_seen": loss_tokens_seen,
-                                               "first_loss": first_loss, "last_loss": last_loss},
+                                               "first_loss": first_loss, "last_loss": last_loss,
+                                               "window": _window_to_json(window)},
                                  loss=last_loss if evaluate is None else eval_loss)
+            else:
+                checkpoints.raise_if_failed()
+            if stopping:
+                checkpoints.wait()
+                raise Interrupted(f"stopped by {stop.name} after step {step} of {total_steps}; saved "
+                                  f"{checkpoints.directory / str(step)}; rerun the same command to "
+                                  f"resume", stop.received)
     finally:
+        stop.restore()
         bar.close()
         writer.close()
     summary.update({"steps": total_steps, "first_loss": first_loss, "last_loss": last_loss})
