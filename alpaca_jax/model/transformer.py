@@ -13,9 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alpaca_jax.config import ModelConfig
+from alpaca_jax.config import LoraConfig, ModelConfig
 from alpaca_jax.model.attention import Attention
 from alpaca_jax.model.layers import DTYPES, RMSNorm, dense, param
+from alpaca_jax.model.lora import COLLECTION as LORA_COLLECTION
 from alpaca_jax.model.mlp import SwiGLU
 from alpaca_jax.model.rope import rope_cos_sin, rope_inverse_frequencies
 
@@ -31,6 +32,7 @@ REMAT_POLICIES = {
 class Block(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, None) so it can be scanned."""
     config: ModelConfig
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x, segment_ids, cos, sin):
@@ -38,9 +40,9 @@ class Block(nn.Module):
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         attn_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="attention_norm")(x)
         x = x + Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.init_std,
-                          dtype, param_dtype, cfg.attention, name="attention")(attn_in, segment_ids, cos, sin)
+                          dtype, param_dtype, cfg.attention, self.lora, name="attention")(attn_in, segment_ids, cos, sin)
         mlp_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="mlp_norm")(x)
-        x = x + SwiGLU(cfg.intermediate_size, cfg.init_std, dtype, param_dtype, name="mlp")(mlp_in)
+        x = x + SwiGLU(cfg.intermediate_size, cfg.init_std, dtype, param_dtype, self.lora, name="mlp")(mlp_in)
         return x, None
 
 
@@ -53,6 +55,7 @@ def _block_class(cfg: ModelConfig):
 
 class Llama(nn.Module):
     config: ModelConfig
+    lora: LoraConfig | None = None  # LoRA adapters (a "lora" collection beside "params"); None = none
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -69,14 +72,15 @@ class Llama(nn.Module):
 
         block = _block_class(cfg)
         if cfg.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+            stack = nn.scan(block, variable_axes={"params": 0, LORA_COLLECTION: 0},
+                            split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                             length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(cfg, name="layers")(x, segment_ids, cos, sin)
+            x, _ = stack(cfg, self.lora, name="layers")(x, segment_ids, cos, sin)
         else:
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x, segment_ids, cos, sin)
+                x, _ = block(cfg, self.lora, name=f"layers_{i}")(x, segment_ids, cos, sin)
 
         x = RMSNorm(cfg.rms_norm_eps, param_dtype, name="final_norm")(x)
         if cfg.tie_embeddings:

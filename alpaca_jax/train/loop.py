@@ -24,7 +24,8 @@ from alpaca_jax.config import Config, save_config
 from alpaca_jax.data import (BatchIterator, alpaca_prompt, get_tokenizer, load_instruction_dataset, special_ids,
                              tokenize_dataset)
 from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
-from alpaca_jax.model import Llama, logical_axes
+from alpaca_jax.model import Llama
+from alpaca_jax.train import adapters
 from alpaca_jax.train.metrics import MetricsWriter
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.state import TrainState, create_train_state, fresh_train_state, state_shardings
@@ -44,6 +45,7 @@ class TrainResult:
     first_loss: float
     last_loss: float
     state: object
+    base: object = None    # LoRA: the frozen base the adapters were trained on
 
 
 def _corpus_texts(ds):
@@ -67,12 +69,19 @@ def build_batches(cfg: Config, run_dir: Path):
     if stats.kept == 0:
         raise TrainingError(f"no example has a response token within data.max_len={cfg.data.max_len}")
     iterator = BatchIterator(
-        list(kept["input_ids"]), list(kept["loss_mask"]), batch_size=cfg.train.batch_size,
+        list(kept["input_ids"]), _loss_masks(kept, cfg.data.train_on_inputs), batch_size=cfg.train.batch_size,
         seq_len=cfg.data.max_len, seed=cfg.train.seed, num_epochs=cfg.train.num_epochs,
         pad_id=special_ids(tokenizer).pad, packing=cfg.data.packing,
         pack_window=cfg.data.pack_window, shard_index=jax.process_index(),
         shard_count=jax.process_count())
     return iterator, tokenizer, stats
+
+
+def _loss_masks(kept, train_on_inputs: bool) -> list[np.ndarray]:
+    """The tokenizer's response-only masks, or with `data.train_on_inputs` every token (the
+    prompt too, as Alpaca-LoRA's default). Position 0 is never a target either way."""
+    masks = list(kept["loss_mask"])
+    return [np.ones_like(m) for m in masks] if train_on_inputs else masks
 
 
 def _to_global(batch: dict[str, np.ndarray], accum: int, global_batch: int, batch_sh):
@@ -96,7 +105,11 @@ def _with_pretrained_tokenizer(cfg: Config) -> Config:
 
 
 def _initial_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState:
-    """Step 0: random init, or `model.init_from` weights with a fresh optimizer state."""
+    """Step 0: random init, or `model.init_from` weights with a fresh optimizer state (with
+    LoRA: fresh or `lora.init_from` adapters)."""
+    if cfg.lora is not None:
+        return jax.jit(lambda p: fresh_train_state(p, optimizer), out_shardings=shardings,
+                       donate_argnums=0)(adapters.initial_adapters(cfg, shardings.params))
     if cfg.model.init_from is None:
         return create_train_state(cfg.model, optimizer, jax.random.key(cfg.train.seed), shardings)
     params = load_pretrained(cfg.model.init_from, cfg.model, shardings.params)
@@ -107,7 +120,7 @@ def _initial_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState:
 
 def _abstract_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState:
     """The state's shapes and placements, for restoring a checkpoint onto this mesh."""
-    shapes = jax.eval_shape(lambda: create_train_state(cfg.model, optimizer, jax.random.key(0), shardings))
+    shapes = jax.eval_shape(lambda p: fresh_train_state(p, optimizer), adapters.trainable_layout(cfg)[0])
     return abstract_like(shapes, shardings)
 
 
@@ -144,8 +157,14 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.rules
     schedule = learning_rate_schedule(cfg.optimizer, total_steps)
-    optimizer = make_optimizer(cfg.optimizer, schedule, logical_axes(cfg.model))
-    shardings = state_shardings(cfg.model, optimizer, mesh, rules)
+    optimizer = make_optimizer(cfg.optimizer, schedule, adapters.trainable_layout(cfg)[1])
+    shardings = state_shardings(cfg.model, optimizer, mesh, rules, cfg.lora)
+    from alpaca_jax.plan import parameter_report, plan_memory  # plan imports train modules itself
+    log.info("%s", parameter_report(plan_memory(cfg, len(mesh.devices.flat))))
+    base, base_sh = None, None  # LoRA's frozen base: a step argument, never in the state
+    if cfg.lora is not None:
+        base_sh = adapters.base_shardings(cfg.model, cfg.lora, mesh, rules)
+        base = adapters.frozen_base(cfg, base_sh)
     resumed: dict = {}
     if resume_step is None:
         state = _initial_state(cfg, optimizer, shardings)
@@ -157,10 +176,12 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
         log.info("resumed from checkpoint %s (step %d of %d)", checkpoints.directory / str(resume_step),
                  resume_step, total_steps)
     batch_sh = sharding.batch_sharding(mesh, rules, leading=1)
+    base_args = () if base is None else (base,)
     step_fn = jax.jit(
-        functools.partial(train_step, model=Llama(cfg.model), optimizer=optimizer, schedule=schedule),
-        in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0)
+        functools.partial(train_step, model=Llama(cfg.model, cfg.lora), optimizer=optimizer,
+                          schedule=schedule, seed=cfg.train.seed),
+        in_shardings=(shardings, batch_sh, *(() if base is None else (base_sh,))),
+        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
     writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=is_main, append=resume_step is not None)
     summary = {"tokenize": dataclasses.asdict(stats), "packing_efficiency": iterator.packing_efficiency(),
@@ -176,7 +197,7 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
     try:
         for step in range(start_step + 1, total_steps + 1):
             batch = _to_global(next(iterator), cfg.train.grad_accum, cfg.train.batch_size, batch_sh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, *base_args)
             window.append(metrics)
             bar.update(1)
             # A checkpoint step is always a log step: the log window never spans a checkpoint,
@@ -221,4 +242,4 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("done: %d steps, loss %.4f -> %.4f; run dir %s", total_steps, first_loss, last_loss, run_dir)
     return TrainResult(run_dir=run_dir, steps=total_steps, first_loss=first_loss,
-                       last_loss=last_loss, state=state)
+                       last_loss=last_loss, state=state, base=base)
