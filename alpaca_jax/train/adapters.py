@@ -20,6 +20,7 @@ import jax
 
 from alpaca_jax import sharding
 from alpaca_jax.config import Config, LoraConfig, ModelConfig
+from alpaca_jax.hf import load_peft_adapter, load_pretrained
 from alpaca_jax.model.layers import DTYPES
 from alpaca_jax.model.lora import FROZEN_MATMULS
 from alpaca_jax.model.params import adapter_axes, adapter_shapes, init_adapters, init_params, logical_axes, param_shapes
@@ -82,7 +83,6 @@ def frozen_base(cfg: Config, shardings):
     if cfg.model.init_from is None:
         return jax.jit(lambda key: prepare(init_params(cfg.model, key)), out_shardings=shardings)(
             jax.random.key(cfg.train.seed))
-    from alpaca_jax.hf import load_pretrained  # hf imports checkpoint, which imports train config only
     mesh = jax.tree.leaves(shardings)[0].mesh
     full = sharding.tree_shardings(logical_axes(cfg.model), param_shapes(cfg.model), mesh, cfg.mesh.rules)
     return jax.jit(prepare, out_shardings=shardings, donate_argnums=0)(
@@ -92,7 +92,6 @@ def frozen_base(cfg: Config, shardings):
 def initial_adapters(cfg: Config, shardings):
     """Adapters at step 0: `lora.init_from` (a PEFT directory), else A random and B zero."""
     if cfg.lora.init_from is not None:
-        from alpaca_jax.hf.peft import load_peft_adapter
         return load_peft_adapter(cfg.lora.init_from, cfg.model, cfg.lora, shardings)
     key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)  # not the base's key
     return jax.jit(lambda k: init_adapters(cfg.model, cfg.lora, k), out_shardings=shardings)(key)
