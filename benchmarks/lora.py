@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "benchmarks" / "results" / "lora.json"
 SHAPE = {"vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1408, "num_layers": 8,
          "num_heads": 8, "num_kv_heads": 8, "attention": "chunked", "scan_layers": False}
-QUICK_SHAPE = {**SHAPE, "hidden_size": 256, "intermediate_size": 704, "num_layers": 2, "vocab_size": 2048}
+QUICK_SHAPE = {**SHAPE, "hidden_size": 256, "intermediate_size": 704, "num_layers": 2, "vocab_size": 2048,
+               "num_heads": 4, "num_kv_heads": 4}
 ALL_TARGETS = "[q,k,v,o,gate,up,down]"
 VARIANTS = {
     "full fine-tuning (fp32 weights)": [],
