@@ -211,12 +211,15 @@ def test_the_7b_recipes_meet_their_memory_targets():
     assert lora.total < 24e9 and qlora.total < 24e9 < full_one.total   # one 24 GB GPU
 
 
-def test_qlora_loss_falls_on_the_tiny_config(tmp_path):
+def test_qlora_loss_falls_on_the_tiny_config(tmp_path, caplog):
     cfg = load_config(None, QUIET + [f"run.dir={tmp_path / 'qlora'}", "train.max_steps=24", "train.log_every=8",
                                      "data.max_len=128", "lora.quantize=nf4", "lora.block_size=32", "lora.rank=8",
                                      f"lora.target_modules={ALL_TARGETS}", "optimizer.learning_rate=1e-2",
                                      "checkpoint.every=null"])
-    result = train(cfg)
+    with caplog.at_level("INFO", logger="alpaca_jax"):
+        result = train(cfg)
+    # The run log reports trainable vs total weights and the bytes of each part per device.
+    assert "parameters: 74,752 trainable of 1,337,472" in caplog.text and "frozen base 2.40 MiB" in caplog.text
     codes = result.base["layers_0"]["mlp"]["w_up"].codes
     assert codes.dtype == jnp.uint8 and codes.shape == (128, 352 // 2)
     # A random frozen output head caps how far adapters alone can move the logits (7.7 -> ~7.5

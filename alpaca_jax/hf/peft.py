@@ -41,15 +41,14 @@ HF_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate"
 
 
 def _adapter_placements(model_cfg: ModelConfig, lora: LoraConfig):
-    """(HF module name, path to A, path to B, layer index, input dims) per adapted weight."""
+    """(HF module name, the weight's Placement, path to A, path to B) per adapted weight."""
     weight_to_target = {weight: target for target, weight in TARGET_WEIGHTS.items()}
     for p in placements(model_cfg):
         target = weight_to_target.get(p.path[-2:])
         if target is None or target not in lora.target_modules:
             continue
         name_a, name_b = adapter_names(p.path[-1])
-        module = p.hf_name.removesuffix(".weight")
-        yield module, (*p.path[:-1], name_a), (*p.path[:-1], name_b), p.layer, p.input_dims
+        yield p.hf_name.removesuffix(".weight"), p, (*p.path[:-1], name_a), (*p.path[:-1], name_b)
 
 
 def peft_config(lora: LoraConfig, base_model: str | None) -> dict:
@@ -76,10 +75,10 @@ def export_peft(source: str | Path, out_dir: str | Path) -> Path:
     cfg, lora = saved.config.model, saved.config.lora
     adapters = restore_params(saved.params_dir)
     entries = []
-    for module, path_a, path_b, layer, input_dims in _adapter_placements(cfg, lora):
+    for module, p, path_a, path_b in _adapter_placements(cfg, lora):
         a, b = get_path(adapters, path_a), get_path(adapters, path_b)
-        a, b = (np.asarray(a if layer is None else a[layer]), np.asarray(b if layer is None else b[layer]))
-        fan_in = math.prod(a.shape[:input_dims])
+        a, b = (np.asarray(a if p.layer is None else a[p.layer]), np.asarray(b if p.layer is None else b[p.layer]))
+        fan_in = math.prod(a.shape[:p.input_dims])
         a_hf = np.ascontiguousarray(a.reshape(fan_in, lora.rank).T)      # [r, in]
         b_hf = np.ascontiguousarray(b.reshape(lora.rank, -1).T)          # [out, r]
         for suffix, array in (("lora_A", a_hf), ("lora_B", b_hf)):
@@ -129,14 +128,14 @@ def load_peft_adapter(directory: str | Path, model_cfg: ModelConfig, lora: LoraC
     targets = adapter_shapes(model_cfg, lora)
     arrays = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), targets)
     expected = set()
-    for module, path_a, path_b, layer, input_dims in _adapter_placements(model_cfg, lora):
+    for module, p, path_a, path_b in _adapter_placements(model_cfg, lora):
         for suffix, path in (("lora_A", path_a), ("lora_B", path_b)):
             name = f"{PEFT_PREFIX}{module}.{suffix}.weight"
             expected.add(name)
             array = get_path(arrays, path)
-            one_layer = array.shape[1:] if layer is not None else array.shape
+            one_layer = array.shape[1:] if p.layer is not None else array.shape
             if suffix == "lora_A":
-                want = (lora.rank, math.prod(one_layer[:input_dims]))
+                want = (lora.rank, math.prod(one_layer[:p.input_dims]))
             else:
                 want = (math.prod(one_layer[1:]), lora.rank)
             if name not in reader:
@@ -145,10 +144,10 @@ def load_peft_adapter(directory: str | Path, model_cfg: ModelConfig, lora: LoraC
                 raise ConversionError(f"{directory}: tensor '{name}' has shape {list(reader.shape(name))}, "
                                       f"the model needs {list(want)} (an adapter for another base?)")
             value = reader.get(name).astype(array.dtype).T.reshape(one_layer)
-            if layer is None:
+            if p.layer is None:
                 array[...] = value
             else:
-                array[layer] = value
+                array[p.layer] = value
     unexpected = sorted(set(reader.names()) - expected)
     if unexpected:
         raise ConversionError(f"{directory}: unexpected tensor '{unexpected[0]}' for lora.target_modules="
@@ -174,13 +173,9 @@ def lora_run_params(saved: SavedParams, merge: bool):
     if not merge:
         return params
     adapters = restore_params(saved.params_dir)
-    for p in placements(cfg.model):
-        target = {w: t for t, w in TARGET_WEIGHTS.items()}.get(p.path[-2:])
-        if target is None or target not in cfg.lora.target_modules:
-            continue
-        name_a, name_b = adapter_names(p.path[-1])
-        a = np.asarray(get_path(adapters, (*p.path[:-1], name_a)), np.float32)
-        b = np.asarray(get_path(adapters, (*p.path[:-1], name_b)), np.float32)
+    for _, p, path_a, path_b in _adapter_placements(cfg.model, cfg.lora):
+        a = np.asarray(get_path(adapters, path_a), np.float32)
+        b = np.asarray(get_path(adapters, path_b), np.float32)
         weight = get_path(params, p.path)
         if p.layer is not None:
             a, b, weight = a[p.layer], b[p.layer], weight[p.layer]   # weight: a view, updated in place
