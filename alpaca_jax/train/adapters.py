@@ -9,7 +9,7 @@ rebuilt from the reference in the run's config.yaml (`model.init_from`, or the r
 `train.seed`), and its quantized form is recomputed, because quantizing is a pure function that
 takes well under the time it takes to read the weights (a 7B NF4 base: seconds on an
 accelerator), while storing it would add 3.9 GB to every run and go stale if the reference
-moved. Resume, export and `plan` all call the same `frozen_base`.
+moved. Training, resume and export all build it with `frozen_base`; `plan` reads its shapes.
 """
 
 from __future__ import annotations
