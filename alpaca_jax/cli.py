@@ -17,6 +17,9 @@ examples:
   alpaca-jax train configs/alpaca_7b.yaml tokenizer.path=/models/llama-7b data.train_files=[alpaca_data.json]
   alpaca-jax train configs/vicuna_7b.yaml tokenizer.path=/models/llama-7b data.train_files=[sharegpt.json]
   alpaca-jax export-hf runs/smoke hf/smoke                # a run's latest checkpoint -> HF LLaMA dir
+  alpaca-jax train configs/alpaca_lora_7b.yaml model.init_from=/models/llama-7b-hf   # LoRA
+  alpaca-jax export-peft runs/alpaca-lora-7b adapters/alpaca-lora   # adapters for peft
+  alpaca-jax export-hf runs/alpaca-lora-7b hf/alpaca-lora --merge   # merged full weights
   alpaca-jax import-hf /models/llama-2-7b-hf imported/llama2   # HF LLaMA dir -> our params
   alpaca-jax chat runs/smoke                               # talk to a trained run in the terminal
   alpaca-jax respond runs/smoke --input rows.jsonl -o answers.jsonl
@@ -43,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                     "train.max_steps=100 optimizer.learning_rate=1e-4 run.dir=runs/x. The run "
                     "directory receives config.yaml, metrics.jsonl, TensorBoard events, the "
                     "tokenizer and summary.json.",
-        epilog="sections: model tokenizer data optimizer train run mesh distributed checkpoint. "
+        epilog="sections: model tokenizer data optimizer train run mesh distributed checkpoint lora. "
                "`alpaca-jax config [CONFIG] [overrides]` prints the resolved config with a comment "
                "on every key. SIGTERM or Ctrl-C saves a checkpoint of the last finished step and "
                "exits with 128+signal; rerun the same command to resume.")
@@ -81,6 +84,19 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="dtype of the written weights (default: the run's model.param_dtype)")
     export.add_argument("--max-shard-size", default="5GiB", help="largest safetensors file (default 5GiB)")
+    export.add_argument("--merge", action="store_true",
+                        help="LoRA runs: fold the adapters into the weights (without it a LoRA run "
+                             "exports its frozen base, dequantized if quantized)")
+
+    export_peft = sub.add_parser(
+        "export-peft", help="write a LoRA run's adapters for Hugging Face peft",
+        description="Write adapter_config.json and adapter_model.safetensors, which "
+                    "peft.PeftModel.from_pretrained loads on top of the run's base: the original "
+                    "HF directory of model.init_from, or `alpaca-jax export-hf RUN BASE_DIR`. "
+                    "SOURCE is a LoRA run directory (its latest checkpoint) or one checkpoint.",
+        epilog="example: alpaca-jax export-peft runs/alpaca-lora-7b adapters/alpaca-lora-7b")
+    export_peft.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
+    export_peft.add_argument("out_dir", metavar="OUT_DIR")
 
     import_ = sub.add_parser(
         "import-hf", help="convert a local Hugging Face LLaMA directory to our params",
@@ -239,7 +255,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         max_shard_size = parse_bytes(args.max_shard_size)
         preflight.check_export_hf(args.source, args.out_dir)
         from alpaca_jax.hf import export_hf
-        export_hf(args.source, args.out_dir, dtype=args.dtype, max_shard_size=max_shard_size)
+        export_hf(args.source, args.out_dir, dtype=args.dtype, max_shard_size=max_shard_size, merge=args.merge)
+    elif args.command == "export-peft":
+        preflight.check_export_hf(args.source, args.out_dir)
+        from alpaca_jax.hf import export_peft
+        export_peft(args.source, args.out_dir)
     elif args.command == "import-hf":
         preflight.check_import_hf(args.hf_dir, args.out_dir)
         from alpaca_jax.hf import import_hf

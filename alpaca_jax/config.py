@@ -15,7 +15,7 @@ from typing import Any, Literal
 from alpaca_jax import configlib
 from alpaca_jax.configlib import ConfigError
 
-__all__ = ["Config", "ModelConfig", "RopeScalingConfig", "TokenizerConfig", "DataConfig",
+__all__ = ["Config", "ModelConfig", "RopeScalingConfig", "TokenizerConfig", "DataConfig", "LoraConfig",
            "DataSourceConfig", "OptimizerConfig", "TrainConfig", "RunConfig", "MeshConfig", "DistributedConfig", "CheckpointConfig",
            "ConfigError",
            "load_config", "config_from_dict", "save_config", "CONFIG_DIR", "MODEL_PRESET_DIR"]
@@ -112,6 +112,7 @@ class DataConfig:
     max_len: int = 256                     # tokens per example (BOS..EOS) and per packed row
     packing: bool = True                   # pack several examples per row (else one, padded)
     pack_window: int = 64                  # open rows first-fit packing keeps (more = denser)
+    train_on_inputs: bool = False          # put the prompt tokens in the loss too (Alpaca-LoRA's default), not only the response
     long_conversations: Literal["truncate", "split"] = "truncate"  # over max_len: keep whole exchanges that fit, or split into several examples
     on_malformed: Literal["skip", "error"] = "skip"  # bad conversations: count and skip, or stop naming file:line
     mixture: tuple[DataSourceConfig, ...] = ()  # weighted sources; when set, replaces train_files
@@ -199,7 +200,7 @@ class MeshConfig:
     rules: dict[str, Any] = dataclasses.field(default_factory=lambda: {
         "batch": ["data", "fsdp"], "length": None, "vocab": "tensor", "embed": "fsdp",
         "heads": "tensor", "kv_heads": "tensor", "head_dim": None, "mlp": "tensor",
-        "norm": None, "layers": None,
+        "norm": None, "layers": None, "lora_rank": None,
     })
 
 
@@ -228,6 +229,58 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.keep must be positive or null, got {self.keep}")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the block matmuls an adapter can sit on
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on a frozen base (LoRA), optionally 8- or 4-bit (QLoRA). No section = full fine-tuning."""
+    rank: int = 8                          # r: adapter A is [in, r], B is [r, out]
+    alpha: float = 16.0                    # the adapter output is scaled by alpha / rank
+    dropout: float = 0.0                   # dropout rate on each adapter's input while training
+    target_modules: tuple[str, ...] = ("q", "v")  # block matmuls with adapters: any of q k v o gate up down
+    base_dtype: DType | None = None        # dtype the frozen weights are kept in; null = model.param_dtype
+    quantize: Literal["none", "int8", "nf4"] = "none"  # the frozen block matmuls: as base_dtype, int8, or 4-bit NormalFloat
+    block_size: int = 64                   # weights per quantization scale, along each matrix's last axis
+    init_from: str | None = None           # a PEFT LoRA adapter directory to continue training; null = A random, B zero
+
+    def __post_init__(self):
+        unknown = [t for t in self.target_modules if t not in LORA_TARGETS]
+        if unknown or not self.target_modules:
+            raise ConfigError(f"config key 'lora.target_modules': unknown target module "
+                              f"'{unknown[0] if unknown else ''}' (known: {', '.join(LORA_TARGETS)})")
+        if self.rank <= 0 or self.block_size <= 0:
+            raise ConfigError("lora.rank and lora.block_size must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def lora_target_dims(model: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(fan_in, fan_out) of the weight each adapter target sits beside."""
+    q, kv = model.num_heads * model.resolved_head_dim, model.num_kv_heads * model.resolved_head_dim
+    d, f = model.hidden_size, model.intermediate_size
+    return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+
+
+def _check_lora_fits(model: ModelConfig, lora: LoraConfig) -> None:
+    dims = lora_target_dims(model)
+    for target in lora.target_modules:
+        if lora.rank > min(dims[target]):
+            raise ConfigError(f"lora.rank ({lora.rank}) is larger than a dimension of target module "
+                              f"'{target}' ({dims[target][0]} x {dims[target][1]})")
+    if lora.quantize != "none":
+        last_axes = {"head_dim": model.resolved_head_dim, "hidden_size": model.hidden_size,
+                     "intermediate_size": model.intermediate_size}
+        for name, size in last_axes.items():
+            if size % lora.block_size or (lora.quantize == "nf4" and lora.block_size % 2):
+                raise ConfigError(f"lora.block_size ({lora.block_size}) must be even and divide "
+                                  f"model.{name} ({size}): quantization blocks run along each matrix's last axis")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
@@ -239,6 +292,11 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     distributed: DistributedConfig = DistributedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    lora: LoraConfig | None = None         # adapters on a frozen base; null = full fine-tuning
+
+    def __post_init__(self):
+        if self.lora is not None:
+            _check_lora_fits(self.model, self.lora)
 
 
 def _resolve_model_preset(data: dict[str, Any]) -> dict[str, Any]:

@@ -215,6 +215,8 @@ def _check(tp: Any, value: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if dataclasses.is_dataclass(args[0]) and set(args[1:]) == {type(None)}:
+            return build(args[0], value, key)  # an optional section: its own error names the key inside
         errors = []
         for arg in args:
             if arg is type(None):

@@ -9,7 +9,9 @@ Activations are an estimate of what the backward pass keeps, per remat policy:
   divided by data*fsdp, heads and mlp by tensor);
 - minimal: the same without the attention score tensors (they are recomputed);
 - full: only each block's input, plus one block's full set while it is recomputed;
-plus fp32 logits and their gradient for one micro-batch. XLA's scheduling, fusion and
+plus fp32 logits and their gradient for one micro-batch (and, for a quantized LoRA base, one
+layer's weights dequantized in the compute dtype). With LoRA, "parameters", gradients and
+optimizer state are the adapters', and the frozen base is counted apart. XLA's scheduling, fusion and
 temporary buffers move real peaks by tens of percent; treat the verdict as a guide.
 """
 
@@ -26,6 +28,7 @@ from alpaca_jax.config import Config
 from alpaca_jax.configlib import parse_bytes  # noqa: F401  (re-exported: it lived here first)
 from alpaca_jax.model.layers import DTYPES
 from alpaca_jax.model.params import logical_axes, param_shapes
+from alpaca_jax.train import adapters
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.state import optimizer_state_layout
 
@@ -38,10 +41,13 @@ class MemoryPlan:
     optimizer: int
     activations: int   # estimate, see module docstring
     micro_batch_rows: int  # rows per device per micro-batch
+    frozen: int = 0        # bytes per device of a LoRA run's frozen base (0: full fine-tuning)
+    trainable_params: int = 0  # weights the optimizer updates (all of them, or the adapters)
+    total_params: int = 0      # every weight of the model, adapters included
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.frozen + self.params + self.grads + self.optimizer + self.activations
 
 
 def _tree_bytes(specs, shapes, axis_sizes) -> int:
@@ -64,12 +70,16 @@ def _activation_bytes(cfg: Config, rows: int, axis_sizes: dict[str, int]) -> int
                  "full": t * m.hidden_size * size}[m.remat]
     recompute = dense + scores if m.remat == "full" else 0        # one block live again in backward
     logits = 2 * t * m.vocab_size / tensor * 4                    # fp32 logits and their gradient
-    return int(m.num_layers * per_block + recompute + logits)
+    dequantized = 0
+    if cfg.lora is not None and cfg.lora.quantize != "none":     # one layer's weights, gathered
+        q, kv = m.num_heads * h, m.num_kv_heads * h
+        dequantized = m.hidden_size * (2 * q + 2 * kv + 3 * m.intermediate_size) / tensor * size
+    return int(m.num_layers * per_block + recompute + logits + dequantized)
 
 
 def plan_memory(cfg: Config, num_devices: int) -> MemoryPlan:
     sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, num_devices)))
-    shapes, specs = param_shapes(cfg.model), logical_axes(cfg.model)
+    shapes, specs = adapters.trainable_layout(cfg)
     param_specs = sharding.mesh_specs(specs, shapes, sizes, cfg.mesh.rules)
     params = _tree_bytes(param_specs, shapes, sizes)
     optimizer = make_optimizer(cfg.optimizer, learning_rate_schedule(cfg.optimizer, 1), specs)
@@ -78,9 +88,24 @@ def plan_memory(cfg: Config, num_devices: int) -> MemoryPlan:
                                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     opt_bytes = _tree_bytes(opt_specs, opt_shapes, sizes)
     rows = sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, sizes, cfg.mesh.rules)
+    frozen, total_params = 0, adapters.count(shapes)
+    if cfg.lora is not None:
+        base, base_specs = adapters.base_shapes(cfg.model, cfg.lora), adapters.base_axes(cfg.model, cfg.lora)
+        frozen = _tree_bytes(sharding.mesh_specs(base_specs, base, sizes, cfg.mesh.rules), base, sizes)
+        total_params += adapters.count(param_shapes(cfg.model))
     return MemoryPlan(devices=num_devices, mesh=sizes, params=params, grads=params,
                       optimizer=opt_bytes, activations=_activation_bytes(cfg, rows, sizes),
-                      micro_batch_rows=rows)
+                      micro_batch_rows=rows, frozen=frozen, trainable_params=adapters.count(shapes),
+                      total_params=total_params)
+
+
+def parameter_report(plan: MemoryPlan) -> str:
+    """One line for the run log: trainable vs total weights, and the bytes per device of each part."""
+    mib = lambda b: f"{b / 2**20:.2f} MiB"
+    return (f"parameters: {plan.trainable_params:,} trainable of {plan.total_params:,} "
+            f"({100 * plan.trainable_params / max(plan.total_params, 1):.3g}%); per device: frozen base "
+            f"{mib(plan.frozen)}, trainable {mib(plan.params)}, gradients {mib(plan.grads)}, "
+            f"optimizer state {mib(plan.optimizer)}")
 
 
 def format_plan(plan: MemoryPlan, cfg: Config, device_memory: int | None) -> str:
@@ -90,8 +115,12 @@ def format_plan(plan: MemoryPlan, cfg: Config, device_memory: int | None) -> str
         f"params {cfg.model.param_dtype}, compute {cfg.model.dtype}, remat {cfg.model.remat}",
         f"mesh: {plan.mesh} over {plan.devices} devices; {plan.micro_batch_rows} rows x "
         f"{cfg.data.max_len} tokens per device per micro-batch",
+        f"parameters: {plan.trainable_params:,} trainable of {plan.total_params:,} "
+        f"({100 * plan.trainable_params / max(plan.total_params, 1):.3g}%)",
         "per device:",
-        f"  parameters        {gib(plan.params)}",
+        *([f"  frozen base       {gib(plan.frozen)}   ({cfg.lora.quantize if cfg.lora.quantize != 'none' else cfg.lora.base_dtype or cfg.model.param_dtype})"]
+          if cfg.lora is not None else []),
+        f"  {'adapters' if cfg.lora is not None else 'parameters':<17} {gib(plan.params)}",
         f"  gradients         {gib(plan.grads)}",
         f"  optimizer state   {gib(plan.optimizer)}",
         f"  activations (est) {gib(plan.activations)}",

@@ -2,6 +2,7 @@
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_worker.py meshes OUT.json RUN_ROOT
     python tests/mesh_worker.py process OUT.json RUN_DIR      (one of several processes; JAX_* env)
+    XLA_FLAGS=... python tests/mesh_worker.py lora OUT.json RUN_ROOT   (LoRA: 1 device vs FSDP over 8)
 
 Trains the tiny model for a few steps per mesh and writes the logged losses and the observed
 parameter shardings as JSON.
@@ -72,6 +73,25 @@ def meshes(out: Path, root: Path) -> None:
     out.write_text(json.dumps(results))
 
 
+LORA = ["lora.rank=4", "lora.dropout=0.1", "lora.target_modules=[q,k,v,o,gate,up,down]",
+        "optimizer.learning_rate=1e-2"]
+
+
+def lora(out: Path, root: Path) -> None:
+    """LoRA with dropout, on one device and fully sharded over eight: losses and adapter placement."""
+    results = {}
+    for name, fsdp in (("1", 1), ("1x8x1", 8)):
+        overrides = [f"run.dir={root / name}", "mesh.data=1", f"mesh.fsdp={fsdp}", "mesh.tensor=1", *LORA]
+        if name != "1":
+            overrides.append(f"tokenizer.path={root / '1' / 'tokenizer'}")
+        cfg, result = _run(overrides, jax.devices()[:fsdp])
+        wq_a = result.state.params["layers_0"]["attention"]["wq_lora_a"]
+        results[name] = {"losses": [m["loss"] for m in read_metrics(result.run_dir)],
+                         "grad_norms": [m["grad_norm"] for m in read_metrics(result.run_dir)],
+                         "wq_lora_a": {"spec": [a for a in wq_a.sharding.spec],
+                                       "shard_shape": list(wq_a.addressable_shards[0].data.shape)},
+                         "base_wq_shard": list(result.base["layers_0"]["attention"]["wq"].addressable_shards[0].data.shape)}
+    out.write_text(json.dumps(results))
 def _record_writes(under: Path) -> list[str]:
     """Names of files under `under` that this process opens for writing from Python (an audit
     hook sees every `open`), to check which process writes the run's logs."""
@@ -101,5 +121,7 @@ if __name__ == "__main__":
     mode, out, where = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     if mode == "meshes":
         meshes(out, where)
+    elif mode == "lora":
+        lora(out, where)
     else:
         process(out, where, sys.argv[4:])

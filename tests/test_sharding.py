@@ -52,6 +52,20 @@ def test_meshes_give_the_one_device_losses(mesh_runs):
     assert len(reference["eval_losses"]) == STEPS // 2  # held-out loss at steps 2 and 4
 
 
+def test_lora_with_fsdp_over_8_devices_gives_the_1_device_losses(tmp_path):
+    out = tmp_path / "lora.json"
+    result = subprocess.run([sys.executable, str(WORKER), "lora", str(out), str(tmp_path)],
+                            env=_env(8), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads(out.read_text())
+    assert len(runs["1"]["losses"]) == STEPS
+    np.testing.assert_allclose(runs["1x8x1"]["losses"], runs["1"]["losses"], rtol=2e-6)
+    np.testing.assert_allclose(runs["1x8x1"]["grad_norms"], runs["1"]["grad_norms"], rtol=1e-5)
+    # Adapters shard by the same logical rules as the weights: A [D, r] splits D (embed) over fsdp.
+    assert runs["1x8x1"]["wq_lora_a"] == {"spec": ["fsdp", None], "shard_shape": [128 // 8, 4]}
+    assert runs["1x8x1"]["base_wq_shard"] == [128 // 8, 4, 32]
+
+
 def test_parameters_are_sharded_as_the_rules_say(mesh_runs):
     for name in ("1x8x1", "2x2x2", "1x4x2"):
         for path, info in mesh_runs[name]["params"].items():

@@ -3,7 +3,8 @@
 keymap.py (names and layouts, beside a table of both), config_json.py (LlamaConfig fields),
 tensor_files.py (safetensors one tensor at a time), convert.py (the directory-level functions),
 tokenizer_export.py (the exported tokenizer, fixed to encode as training did) and
-chat_template.py (the training prompt format as a Jinja chat template).
+chat_template.py (the training prompt format as a Jinja chat template), peft.py (LoRA adapters in
+PEFT's format, merged exports).
 """
 
 from alpaca_jax.hf.chat_template import alpaca_chat_template
@@ -12,8 +13,9 @@ from alpaca_jax.hf.config_json import (check_matches, hf_config_from_model, mode
 from alpaca_jax.hf.convert import (export_hf, import_hf, load_hf_params, load_pretrained,
                                    pretrained_tokenizer_dir)
 from alpaca_jax.hf.errors import ConversionError
+from alpaca_jax.hf.peft import export_peft, load_peft_adapter
 from alpaca_jax.hf.tokenizer_export import export_tokenizer
 
 __all__ = ["export_hf", "import_hf", "load_hf_params", "load_pretrained", "pretrained_tokenizer_dir",
            "model_config_from_hf", "hf_config_from_model", "read_hf_config", "check_matches",
-           "ConversionError", "alpaca_chat_template", "export_tokenizer"]
+           "ConversionError", "alpaca_chat_template", "export_tokenizer", "export_peft", "load_peft_adapter"]

@@ -50,10 +50,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 # -- export ---------------------------------------------------------------------------------
 
 def export_hf(source: str | Path, out_dir: str | Path, *, dtype: str | None = None,
-              max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+              max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, merge: bool = False) -> Path:
     """Write a HF LLaMA directory from a run dir, a checkpoint step dir or an import-hf output.
 
-    `dtype` (float32, bfloat16, float16) defaults to the run's `model.param_dtype`.
+    `dtype` (float32, bfloat16, float16) defaults to the run's `model.param_dtype`. A LoRA run
+    exports its frozen base as the run saw it (a quantized base dequantized: PEFT adapters
+    apply on top of it exactly), or with `merge` the base with the adapters folded in.
     """
     saved = find_params(source)
     cfg = saved.config.model
@@ -61,7 +63,17 @@ def export_hf(source: str | Path, out_dir: str | Path, *, dtype: str | None = No
     if dtype not in NUMPY_DTYPES:
         raise ConversionError(f"export dtype must be one of {sorted(NUMPY_DTYPES)}, got {dtype!r}")
     check_export_hf(source, out_dir)
-    params = restore_params(saved.params_dir)  # host numpy arrays, one copy
+    if saved.config.lora is not None:
+        from alpaca_jax.hf.peft import lora_run_params
+        params = lora_run_params(saved, merge)
+        if not merge:
+            log.warning("export: %s is a LoRA run; writing its frozen base only (--merge folds the "
+                        "adapters in; export-peft writes them for peft)", saved.run_dir)
+    elif merge:
+        raise ConversionError(f"--merge: {saved.run_dir} is not a LoRA run (no lora section in its "
+                              f"config.yaml); export it without --merge")
+    else:
+        params = restore_params(saved.params_dir)  # host numpy arrays, one copy
     entries = _export_entries(params, cfg, NUMPY_DTYPES[dtype], str(saved.params_dir))
 
     out_dir = Path(out_dir)

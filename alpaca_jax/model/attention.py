@@ -25,7 +25,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from alpaca_jax.model.layers import dense, param
+from alpaca_jax.config import LoraConfig
+from alpaca_jax.model.layers import param
+from alpaca_jax.model.lora import adapted_dense
 from alpaca_jax.model.rope import apply_rope
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "chunked")
@@ -144,6 +146,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     implementation: str = "xla"
+    lora: LoraConfig | None = None  # adapters on some of q, k, v, o (model/lora.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None, cos: jax.Array, sin: jax.Array,
@@ -154,23 +157,21 @@ class Attention(nn.Module):
         this call's keys and values ([B, T, K, H] each) to write into it."""
         embed = x.shape[-1]
         init = nn.initializers.normal(self.init_std)
-        wq = param(self, "wq", init, (embed, self.num_heads, self.head_dim),
-                   ("embed", "heads", "head_dim"), self.param_dtype)
-        wk = param(self, "wk", init, (embed, self.num_kv_heads, self.head_dim),
-                   ("embed", "kv_heads", "head_dim"), self.param_dtype)
-        wv = param(self, "wv", init, (embed, self.num_kv_heads, self.head_dim),
-                   ("embed", "kv_heads", "head_dim"), self.param_dtype)
-        wo = param(self, "wo", init, (self.num_heads, self.head_dim, embed),
-                   ("heads", "head_dim", "embed"), self.param_dtype)
+        q_axes, kv_axes, o_axes = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim"), ("heads", "head_dim", "embed")
+        wq = param(self, "wq", init, (embed, self.num_heads, self.head_dim), q_axes, self.param_dtype)
+        wk = param(self, "wk", init, (embed, self.num_kv_heads, self.head_dim), kv_axes, self.param_dtype)
+        wv = param(self, "wv", init, (embed, self.num_kv_heads, self.head_dim), kv_axes, self.param_dtype)
+        wo = param(self, "wo", init, (self.num_heads, self.head_dim, embed), o_axes, self.param_dtype)
 
         x = x.astype(self.dtype)
-        query = dense(x, wq.astype(self.dtype))  # [B, T, N, H]
-        key = dense(x, wk.astype(self.dtype))    # [B, S, K, H]
-        value = dense(x, wv.astype(self.dtype))
+        linear = lambda target, h, w, num_in, axes: adapted_dense(self, target, h, w, num_in, axes, self.lora, self.dtype)
+        query = linear("q", x, wq, 1, q_axes)   # [B, T, N, H]
+        key = linear("k", x, wk, 1, kv_axes)    # [B, S, K, H]
+        value = linear("v", x, wv, 1, kv_axes)
         query = apply_rope(query, cos, sin)
         key = apply_rope(key, cos, sin)
         if cache is None:
             out, new_kv = attend(query, key, value, segment_ids, self.implementation), None  # [B, T, N, H]
         else:
             out, new_kv = cached_attention(query, key, value, cache, positions), KVCache(key, value)
-        return dense(out, wo.astype(self.dtype), num_in=2), new_kv  # [B, T, D]
+        return linear("o", out, wo, 2, o_axes), new_kv  # [B, T, D]

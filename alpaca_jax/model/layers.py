@@ -14,13 +14,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from alpaca_jax.model.quantize import QuantizedArray
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
           axes: tuple[str, ...], dtype) -> jax.Array:
-    """Declare a parameter with logical axis names (one name per dimension)."""
+    """Declare a parameter with logical axis names (one name per dimension).
+
+    A frozen weight stored quantized (a QLoRA base, model/quantize.py) is returned as stored:
+    its codes have another shape than `shape`, which Flax's shape check would refuse.
+    """
     assert len(axes) == len(shape), (name, axes, shape)
+    if module.has_variable("params", name):
+        stored = module.get_variable("params", name)
+        if isinstance(stored, QuantizedArray):
+            return stored
     return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype)
 
 

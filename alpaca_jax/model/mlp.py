@@ -9,7 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alpaca_jax.model.layers import dense, param
+from alpaca_jax.config import LoraConfig
+from alpaca_jax.model.layers import param
+from alpaca_jax.model.lora import adapted_dense
 
 
 class SwiGLU(nn.Module):
@@ -17,6 +19,7 @@ class SwiGLU(nn.Module):
     init_std: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    lora: LoraConfig | None = None  # adapters on some of gate, up, down (model/lora.py)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -26,6 +29,7 @@ class SwiGLU(nn.Module):
         w_up = param(self, "w_up", init, (embed, self.intermediate_size), ("embed", "mlp"), self.param_dtype)
         w_down = param(self, "w_down", init, (self.intermediate_size, embed), ("mlp", "embed"), self.param_dtype)
         x = x.astype(self.dtype)
-        gate = dense(x, w_gate.astype(self.dtype))  # [B, T, F]
-        up = dense(x, w_up.astype(self.dtype))
-        return dense(jax.nn.silu(gate) * up, w_down.astype(self.dtype))  # [B, T, D]
+        linear = lambda target, h, w, axes: adapted_dense(self, target, h, w, 1, axes, self.lora, self.dtype)
+        gate = linear("gate", x, w_gate, ("embed", "mlp"))  # [B, T, F]
+        up = linear("up", x, w_up, ("embed", "mlp"))
+        return linear("down", jax.nn.silu(gate) * up, w_down, ("mlp", "embed"))  # [B, T, D]

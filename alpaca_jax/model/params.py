@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpaca_jax.config import ModelConfig
+from alpaca_jax.model.lora import COLLECTION as LORA_COLLECTION
 from alpaca_jax.model.transformer import Llama
 
 
@@ -38,3 +39,25 @@ def count_params(cfg: ModelConfig) -> int:
 def init_params(cfg: ModelConfig, rng: jax.Array):
     """Real, unboxed parameters (call under jit with out_shardings to create them sharded)."""
     return nn.meta.unbox(Llama(cfg).init(rng, *_dummy_inputs())["params"])
+
+
+# -- LoRA adapters: the "lora" collection beside the frozen params (model/lora.py) ------------
+
+def _boxed_adapter_shapes(cfg: ModelConfig, lora):
+    return jax.eval_shape(lambda: Llama(cfg, lora).init(jax.random.key(0), *_dummy_inputs())[LORA_COLLECTION])
+
+
+def adapter_shapes(cfg: ModelConfig, lora):
+    """Abstract adapters (ShapeDtypeStructs) of a model with this LoRA config."""
+    return nn.meta.unbox(_boxed_adapter_shapes(cfg, lora))
+
+
+def adapter_axes(cfg: ModelConfig, lora):
+    """Logical PartitionSpecs of the adapters (the adapted weight's names plus `lora_rank`)."""
+    return nn.get_partition_spec(_boxed_adapter_shapes(cfg, lora))
+
+
+def init_adapters(cfg: ModelConfig, lora, rng: jax.Array):
+    """Fresh adapters: A random, B zero. Only the "lora" collection is returned, so under jit
+    the base parameters that `init` also draws are never computed."""
+    return nn.meta.unbox(Llama(cfg, lora).init(rng, *_dummy_inputs())[LORA_COLLECTION])

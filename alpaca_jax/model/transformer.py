@@ -16,9 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alpaca_jax.config import ModelConfig
+from alpaca_jax.config import LoraConfig, ModelConfig
 from alpaca_jax.model.attention import Attention, KVCache
 from alpaca_jax.model.layers import DTYPES, RMSNorm, dense, param
+from alpaca_jax.model.lora import COLLECTION as LORA_COLLECTION
 from alpaca_jax.model.mlp import SwiGLU
 from alpaca_jax.model.rope import rope_cos_sin, rope_inverse_frequencies
 
@@ -35,6 +36,7 @@ class Block(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this layer's new keys/values or
     None) so it can be scanned (they stack over layers)."""
     config: ModelConfig
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x, segment_ids, cos, sin, positions=None, cache=None):
@@ -42,11 +44,11 @@ class Block(nn.Module):
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         attn_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="attention_norm")(x)
         attn_out, new_kv = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.init_std,
-                                    dtype, param_dtype, cfg.attention, name="attention")(
-                                        attn_in, segment_ids, cos, sin, positions, cache)
+                                     dtype, param_dtype, cfg.attention, self.lora, name="attention")(
+                                         attn_in, segment_ids, cos, sin, positions, cache)
         x = x + attn_out
         mlp_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="mlp_norm")(x)
-        x = x + SwiGLU(cfg.intermediate_size, cfg.init_std, dtype, param_dtype, name="mlp")(mlp_in)
+        x = x + SwiGLU(cfg.intermediate_size, cfg.init_std, dtype, param_dtype, self.lora, name="mlp")(mlp_in)
         return x, new_kv
 
 
@@ -59,6 +61,7 @@ def _block_class(cfg: ModelConfig):
 
 class Llama(nn.Module):
     config: ModelConfig
+    lora: LoraConfig | None = None  # LoRA adapters (a "lora" collection beside "params"); None = none
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
@@ -86,15 +89,16 @@ class Llama(nn.Module):
         args = (segment_ids, cos, sin) if cache is None else (segment_ids, cos, sin, positions, cache)
         if cfg.scan_layers:
             in_axes = (nn.broadcast,) * 3 if cache is None else (nn.broadcast,) * 4 + (0,)
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+            stack = nn.scan(block, variable_axes={"params": 0, LORA_COLLECTION: 0},
+                            split_rngs={"params": True, "dropout": True},
                             in_axes=in_axes, length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_kv = stack(cfg, name="layers")(x, *args)
+            x, new_kv = stack(cfg, self.lora, name="layers")(x, *args)
         else:
             layer_kvs = []
             for i in range(cfg.num_layers):
                 layer_args = args if cache is None else (*args[:4], jax.tree.map(lambda c: c[i], cache))
-                x, layer_kv = block(cfg, name=f"layers_{i}")(x, *layer_args)
+                x, layer_kv = block(cfg, self.lora, name=f"layers_{i}")(x, *layer_args)
                 layer_kvs.append(layer_kv)
             new_kv = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *layer_kvs)
         if logits_at is not None:

@@ -28,8 +28,9 @@ from alpaca_jax.data.records import resolve_data_path
 from alpaca_jax.data.split import split_sources
 from alpaca_jax.data.tokenize import tokenize_conversations
 from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
-from alpaca_jax.model import Llama, logical_axes
+from alpaca_jax.model import Llama
 from alpaca_jax.preflight import check_resume_config, check_train_outputs
+from alpaca_jax.train import adapters
 from alpaca_jax.train.evaluate import eval_batches, eval_step, mean_eval_loss
 from alpaca_jax.train.metrics import MetricsWriter
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -52,6 +53,7 @@ class TrainResult:
     last_loss: float
     state: object
     eval_loss: float | None = None   # mean held-out loss after the last step; None without a held-out set
+    base: object = None              # LoRA: the frozen base the adapters were trained on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +94,7 @@ def build_batches(cfg: Config, run_dir: Path):
     input_ids, loss_mask, order, stats, per_source = tokenize_sources(
         sources, tokenizer, template, cfg.data, cfg.train.seed, cfg.tokenizer.add_bos)
     iterator = BatchIterator(
-        input_ids, loss_mask, batch_size=cfg.train.batch_size,
+        input_ids, _loss_masks(loss_mask, cfg.data.train_on_inputs), batch_size=cfg.train.batch_size,
         seq_len=cfg.data.max_len, seed=cfg.train.seed, num_epochs=cfg.train.num_epochs,
         pad_id=special_ids(tokenizer).pad, packing=cfg.data.packing,
         pack_window=cfg.data.pack_window, shard_index=jax.process_index(),
@@ -105,6 +107,12 @@ def build_batches(cfg: Config, run_dir: Path):
             raise TrainingError(f"no held-out example has a response token within data.max_len={cfg.data.max_len}")
         held_out = HeldOut(list(ids), list(masks), held_stats, duplicates, held)
     return iterator, tokenizer, stats, per_source, held_out
+
+
+def _loss_masks(masks, train_on_inputs: bool):
+    """The tokenizer's response-only masks, or with `data.train_on_inputs` every token (the
+    prompt too, as Alpaca-LoRA's default). Position 0 is never a target either way."""
+    return [np.ones_like(m) for m in masks] if train_on_inputs else masks
 
 
 def _to_global(batch: dict[str, np.ndarray], accum: int, global_batch: int, batch_sh):
@@ -128,7 +136,11 @@ def _with_pretrained_tokenizer(cfg: Config) -> Config:
 
 
 def _initial_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState:
-    """Step 0: random init, or `model.init_from` weights with a fresh optimizer state."""
+    """Step 0: random init, or `model.init_from` weights with a fresh optimizer state (with
+    LoRA: fresh or `lora.init_from` adapters)."""
+    if cfg.lora is not None:
+        return jax.jit(lambda p: fresh_train_state(p, optimizer), out_shardings=shardings,
+                       donate_argnums=0)(adapters.initial_adapters(cfg, shardings.params))
     if cfg.model.init_from is None:
         return create_train_state(cfg.model, optimizer, jax.random.key(cfg.train.seed), shardings)
     params = load_pretrained(cfg.model.init_from, cfg.model, shardings.params)
@@ -139,7 +151,7 @@ def _initial_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState:
 
 def _abstract_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState:
     """The state's shapes and placements, for restoring a checkpoint onto this mesh."""
-    shapes = jax.eval_shape(lambda: create_train_state(cfg.model, optimizer, jax.random.key(0), shardings))
+    shapes = jax.eval_shape(lambda p: fresh_train_state(p, optimizer), adapters.trainable_layout(cfg)[0])
     return abstract_like(shapes, shardings)
 
 
@@ -206,8 +218,14 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
 
     rules = cfg.mesh.rules
     schedule = learning_rate_schedule(cfg.optimizer, total_steps)
-    optimizer = make_optimizer(cfg.optimizer, schedule, logical_axes(cfg.model))
-    shardings = state_shardings(cfg.model, optimizer, mesh, rules)
+    optimizer = make_optimizer(cfg.optimizer, schedule, adapters.trainable_layout(cfg)[1])
+    shardings = state_shardings(cfg.model, optimizer, mesh, rules, cfg.lora)
+    from alpaca_jax.plan import parameter_report, plan_memory  # plan imports train modules itself
+    log.info("%s", parameter_report(plan_memory(cfg, len(mesh.devices.flat))))
+    base, base_sh = None, None  # LoRA's frozen base: a step argument, never in the state
+    if cfg.lora is not None:
+        base_sh = adapters.base_shardings(cfg.model, cfg.lora, mesh, rules)
+        base = adapters.frozen_base(cfg, base_sh)
     resumed: dict = {}
     if resume_step is None:
         state = _initial_state(cfg, optimizer, shardings)
@@ -219,12 +237,14 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
         log.info("resumed from checkpoint %s (step %d of %d)", checkpoints.directory / str(resume_step),
                  resume_step, total_steps)
     batch_sh = sharding.batch_sharding(mesh, rules, leading=1)
+    base_args = () if base is None else (base,)
     step_fn = jax.jit(
-        functools.partial(train_step, model=Llama(cfg.model), optimizer=optimizer, schedule=schedule),
-        in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0)
+        functools.partial(train_step, model=Llama(cfg.model, cfg.lora), optimizer=optimizer,
+                          schedule=schedule, seed=cfg.train.seed),
+        in_shardings=(shardings, batch_sh, *(() if base is None else (base_sh,))),
+        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
-    evaluate = _held_out_evaluator(cfg, held_out, mesh, shardings, batch_sh, tokenizer)
+    evaluate = _held_out_evaluator(cfg, held_out, mesh, shardings, batch_sh, tokenizer, base, base_sh)
     writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=is_main, append=resume_step is not None)
     summary = {"tokenize": dataclasses.asdict(stats), "sources": per_source,
                "packing_efficiency": iterator.packing_efficiency(),
@@ -242,7 +262,7 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
     try:
         for step in range(start_step + 1, total_steps + 1):
             batch = _to_global(next(iterator), cfg.train.grad_accum, cfg.train.batch_size, batch_sh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, *base_args)
             window.append(metrics)
             bar.update(1)
             # A checkpoint step is always a log step: the log window never spans a checkpoint,
@@ -309,11 +329,11 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("done: %d steps, loss %.4f -> %.4f; run dir %s", total_steps, first_loss, last_loss, run_dir)
     return TrainResult(run_dir=run_dir, steps=total_steps, first_loss=first_loss,
-                       last_loss=last_loss, state=state, eval_loss=eval_loss)
+                       last_loss=last_loss, state=state, eval_loss=eval_loss, base=base)
 
 
 def _held_out_evaluator(cfg: Config, held_out: HeldOut | None, mesh, shardings: TrainState, batch_sh,
-                        tokenizer):
+                        tokenizer, base=None, base_sh=None):
     """params -> EvalLoss over the whole held-out set, batched and placed like training; None
     without a held-out set."""
     if held_out is None:
@@ -325,8 +345,12 @@ def _held_out_evaluator(cfg: Config, held_out: HeldOut | None, mesh, shardings: 
                            seq_len=cfg.data.max_len, pad_id=special_ids(tokenizer).pad,
                            packing=cfg.data.packing, pack_window=cfg.data.pack_window,
                            shard_index=jax.process_index(), shard_count=jax.process_count())
-    step_fn = jax.jit(functools.partial(eval_step, model=Llama(cfg.model)),
-                      in_shardings=(shardings.params, batch_sh), out_shardings=sharding.replicated(mesh))
+    step_fn = jax.jit(functools.partial(eval_step, model=Llama(cfg.model, cfg.lora)),
+                      in_shardings=(shardings.params, batch_sh, *(() if base is None else (base_sh,))),
+                      out_shardings=sharding.replicated(mesh))
+    if base is not None:  # LoRA: the frozen base is an argument of every eval step too
+        jitted = step_fn
+        step_fn = lambda params, batch: jitted(params, batch, base)  # noqa: E731
     log.info("eval: %d held-out examples (%d response tokens) in %d batches; %d duplicate training "
              "rows dropped", held_out.stats.kept, held_out.stats.loss_tokens, len(batches),
              held_out.duplicates_dropped)

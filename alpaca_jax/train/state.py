@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from alpaca_jax import sharding
-from alpaca_jax.model.params import init_params, logical_axes, param_shapes
+from alpaca_jax.model.params import adapter_axes, adapter_shapes, init_params, logical_axes, param_shapes
 
 
 @flax.struct.dataclass
@@ -30,10 +30,16 @@ def optimizer_state_layout(optimizer: optax.GradientTransformation, opt_shapes, 
                                  transform_non_params=lambda _: other, is_leaf=is_leaf)
 
 
-def state_shardings(model_cfg, optimizer: optax.GradientTransformation, mesh, rules):
-    """NamedShardings for every leaf of the TrainState (params and Adam moments alike)."""
-    shapes = param_shapes(model_cfg)
-    param_sh = sharding.tree_shardings(logical_axes(model_cfg), shapes, mesh, rules)
+def state_shardings(model_cfg, optimizer: optax.GradientTransformation, mesh, rules, lora=None):
+    """NamedShardings for every leaf of the TrainState (params and Adam moments alike).
+
+    With a LoRA config the state's params are the adapters (the frozen base lives apart).
+    """
+    if lora is None:
+        shapes, specs = param_shapes(model_cfg), logical_axes(model_cfg)
+    else:
+        shapes, specs = adapter_shapes(model_cfg, lora), adapter_axes(model_cfg, lora)
+    param_sh = sharding.tree_shardings(specs, shapes, mesh, rules)
     opt_sh = optimizer_state_layout(optimizer, jax.eval_shape(optimizer.init, shapes), param_sh,
                                     sharding.replicated(mesh))
     return TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from alpaca_jax.model.lora import COLLECTION as LORA_COLLECTION
 from alpaca_jax.train.state import TrainState
 
 
@@ -25,38 +26,57 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return log_z - target_logit
 
 
-def summed_loss(params, model, batch) -> jax.Array:
-    """Sum of response-token losses of one [B, T] batch (not yet divided by the count)."""
-    logits = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
+def model_variables(params, base=None) -> dict:
+    """What `model.apply` reads: the params, or (LoRA) the frozen base and the trained adapters."""
+    return {"params": params} if base is None else {"params": base, LORA_COLLECTION: params}
+
+
+def summed_loss(params, model, batch, base=None, rng=None) -> jax.Array:
+    """Sum of response-token losses of one [B, T] batch (not yet divided by the count).
+
+    `base`: the frozen LoRA base when `params` are adapters; `rng`: the adapters' dropout key.
+    """
+    rngs = {} if rng is None else {"dropout": rng}
+    logits = model.apply(model_variables(params, base), batch["input_ids"], batch["positions"],
+                         batch["segment_ids"], rngs=rngs)
     losses = token_cross_entropy(logits, batch["targets"])
     return jnp.sum(losses * batch["loss_mask"])
 
 
-def loss_and_grads(params, model, batch):
+def loss_and_grads(params, model, batch, base=None, rng=None):
     """Mean response-token loss and its gradient over a batch of [A, M, T] micro-batches.
 
     Each micro-batch's summed loss is divided by the global token count before
     differentiation, so accumulated gradients are exactly those of the global mean.
+    Gradients are taken with respect to `params` only (with LoRA: the adapters, never `base`).
     """
     num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-    grad_fn = jax.value_and_grad(lambda p, mb: summed_loss(p, model, mb) / num_tokens)
+    micro_rng = lambda i: None if rng is None else jax.random.fold_in(rng, i)
+    grad_fn = jax.value_and_grad(lambda p, mb, i: summed_loss(p, model, mb, base, micro_rng(i)) / num_tokens)
     if batch["input_ids"].shape[0] == 1:  # no accumulation: skip the scan
-        return grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+        return grad_fn(params, jax.tree.map(lambda x: x[0], batch), 0)
 
-    def accumulate(carry, micro_batch):
+    def accumulate(carry, indexed_micro_batch):
         loss, grads = carry
-        micro_loss, micro_grads = grad_fn(params, micro_batch)
+        micro_loss, micro_grads = grad_fn(params, *indexed_micro_batch)
         return (loss + micro_loss, jax.tree.map(jnp.add, grads, micro_grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
+    indices = jnp.arange(batch["input_ids"].shape[0])
+    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), (batch, indices))
     return loss, grads
 
 
-def train_step(state: TrainState, batch, *, model, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global batch of [A, M, T] arrays (A = accumulation steps)."""
-    loss, grads = loss_and_grads(state.params, model, batch)
+def train_step(state: TrainState, batch, base=None, *, model, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule, seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch of [A, M, T] arrays (A = accumulation steps).
+
+    With LoRA, `state.params` are the adapters and `base` the frozen weights (read, never
+    returned). Dropout keys derive from (seed, step, micro-batch), so a resumed run draws the
+    same masks as an uninterrupted one.
+    """
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    loss, grads = loss_and_grads(state.params, model, batch, base, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
