@@ -135,6 +135,7 @@ class TrainConfig:
     log_every: int = 10                    # steps between metric lines (step 1 always logged)
     progress_bar: bool = True              # show a tqdm bar on stderr
     resume: bool = True                    # continue from the run dir's latest checkpoint; false = refuse a run dir that has one
+    chunked_loss: Literal["auto", "always", "never"] = "auto"  # cross-entropy over 1024-token chunks so the [B, T, V] fp32 logits never exist whole; auto = chunk when they would exceed 64 MiB per device
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.batch_size % self.grad_accum:

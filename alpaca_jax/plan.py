@@ -9,7 +9,8 @@ Activations are an estimate of what the backward pass keeps, per remat policy:
   divided by data*fsdp, heads and mlp by tensor);
 - minimal: the same without the attention score tensors (they are recomputed);
 - full: only each block's input, plus one block's full set while it is recomputed;
-plus fp32 logits and their gradient for one micro-batch. XLA's scheduling, fusion and
+plus fp32 logits and their gradient for one micro-batch, or for one chunk of tokens when the
+chunked loss runs (`train.chunked_loss`, decided by the same rule as training). XLA's scheduling, fusion and
 temporary buffers move real peaks by tens of percent; treat the verdict as a guide.
 """
 
@@ -27,6 +28,7 @@ from alpaca_jax.config import Config
 from alpaca_jax.configlib import ConfigError
 from alpaca_jax.model.layers import DTYPES
 from alpaca_jax.model.params import logical_axes, param_shapes
+from alpaca_jax.train.loss import run_loss_chunk
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.state import optimizer_state_layout
 
@@ -76,7 +78,9 @@ def _activation_bytes(cfg: Config, rows: int, axis_sizes: dict[str, int]) -> int
     per_block = {"none": dense + scores, "save_dots": dense + scores, "minimal": dense,
                  "full": t * m.hidden_size * size}[m.remat]
     recompute = dense + scores if m.remat == "full" else 0        # one block live again in backward
-    logits = 2 * t * m.vocab_size / tensor * 4                    # fp32 logits and their gradient
+    loss_chunk, _ = run_loss_chunk(cfg, axis_sizes)
+    logit_tokens = t if loss_chunk is None else min(t, loss_chunk)
+    logits = 2 * logit_tokens * m.vocab_size / tensor * 4         # fp32 logits and their gradient
     return int(m.num_layers * per_block + recompute + logits)
 
 

@@ -55,8 +55,15 @@ class Llama(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """[B, T] int ids, positions and segment ids -> [B, T, V] logits (compute dtype)."""
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 return_hidden: bool = False):
+        """[B, T] int ids, positions and segment ids -> [B, T, V] logits (compute dtype).
+
+        With `return_hidden=True`, returns instead the final-norm hidden states [B, T, D] and
+        the output head [V, D] (tied or not, in the compute dtype), whose product the logits
+        are: the memory-lean loss (`alpaca_jax.train.loss`) multiplies them chunk by chunk
+        so the [B, T, V] logits never exist at once.
+        """
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         init = nn.initializers.normal(cfg.init_std)
@@ -86,4 +93,6 @@ class Llama(nn.Module):
             # backward ~10% faster than with a [D, V] weight (BENCHMARKS.md, layer matmuls).
             head = param(self, "lm_head", init, (cfg.vocab_size, cfg.hidden_size),
                          ("vocab", "embed"), param_dtype)
+        if return_hidden:
+            return x, head.astype(dtype)
         return dense(x, head.astype(dtype).T)  # [B, T, V]

@@ -25,6 +25,7 @@ from alpaca_jax.data import (BatchIterator, alpaca_prompt, get_tokenizer, load_i
                              tokenize_dataset)
 from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
 from alpaca_jax.model import Llama, logical_axes
+from alpaca_jax.train.loss import run_loss_chunk
 from alpaca_jax.train.metrics import MetricsWriter
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.state import TrainState, create_train_state, fresh_train_state, state_shardings
@@ -157,8 +158,11 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
         log.info("resumed from checkpoint %s (step %d of %d)", checkpoints.directory / str(resume_step),
                  resume_step, total_steps)
     batch_sh = sharding.batch_sharding(mesh, rules, leading=1)
+    loss_chunk, loss_reason = run_loss_chunk(cfg, dict(mesh.shape))
+    log.info("loss: %s", loss_reason)
     step_fn = jax.jit(
-        functools.partial(train_step, model=Llama(cfg.model), optimizer=optimizer, schedule=schedule),
+        functools.partial(train_step, model=Llama(cfg.model), optimizer=optimizer, schedule=schedule,
+                          loss_chunk=loss_chunk),
         in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0)
 

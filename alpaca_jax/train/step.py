@@ -14,32 +14,34 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from alpaca_jax.train.loss import chunked_token_cross_entropy, token_cross_entropy
 from alpaca_jax.train.state import TrainState
 
-
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-position -log p(target), computed in fp32: [B, T, V], [B, T] -> [B, T]."""
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_z - target_logit
+__all__ = ["summed_loss", "loss_and_grads", "train_step", "token_cross_entropy"]
 
 
-def summed_loss(params, model, batch) -> jax.Array:
-    """Sum of response-token losses of one [B, T] batch (not yet divided by the count)."""
-    logits = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
-    losses = token_cross_entropy(logits, batch["targets"])
+def summed_loss(params, model, batch, loss_chunk: int | None = None) -> jax.Array:
+    """Sum of response-token losses of one [B, T] batch (not yet divided by the count).
+
+    `loss_chunk` tokens at a time through the memory-lean loss, or None for the plain one.
+    """
+    inputs = (batch["input_ids"], batch["positions"], batch["segment_ids"])
+    if loss_chunk is None:
+        losses = token_cross_entropy(model.apply({"params": params}, *inputs), batch["targets"])
+    else:
+        hidden, head = model.apply({"params": params}, *inputs, return_hidden=True)
+        losses = chunked_token_cross_entropy(hidden, head, batch["targets"], loss_chunk)
     return jnp.sum(losses * batch["loss_mask"])
 
 
-def loss_and_grads(params, model, batch):
+def loss_and_grads(params, model, batch, loss_chunk: int | None = None):
     """Mean response-token loss and its gradient over a batch of [A, M, T] micro-batches.
 
     Each micro-batch's summed loss is divided by the global token count before
     differentiation, so accumulated gradients are exactly those of the global mean.
     """
     num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-    grad_fn = jax.value_and_grad(lambda p, mb: summed_loss(p, model, mb) / num_tokens)
+    grad_fn = jax.value_and_grad(lambda p, mb: summed_loss(p, model, mb, loss_chunk) / num_tokens)
     if batch["input_ids"].shape[0] == 1:  # no accumulation: skip the scan
         return grad_fn(params, jax.tree.map(lambda x: x[0], batch))
 
@@ -54,9 +56,13 @@ def loss_and_grads(params, model, batch):
 
 
 def train_step(state: TrainState, batch, *, model, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global batch of [A, M, T] arrays (A = accumulation steps)."""
-    loss, grads = loss_and_grads(state.params, model, batch)
+               schedule: optax.Schedule, loss_chunk: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch of [A, M, T] arrays (A = accumulation steps).
+
+    `loss_chunk`: tokens per chunk of the memory-lean cross-entropy, None for the plain one
+    (`alpaca_jax.train.loss.chunked_loss_rule` decides).
+    """
+    loss, grads = loss_and_grads(state.params, model, batch, loss_chunk)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
