@@ -8,6 +8,8 @@ Activations are an estimate of what the backward pass keeps, per remat policy:
   attention scores and probabilities, and the SwiGLU gate/up/product (per device: batch rows
   divided by data*fsdp, heads and mlp by tensor);
 - minimal: the same without the attention score tensors (they are recomputed);
+- a fused attention kernel (what `model.attention` runs on the planned platform, by default the
+  one JAX sees here) never writes scores, under any policy;
 - full: only each block's input, plus one block's full set while it is recomputed;
 plus fp32 logits and their gradient for one micro-batch, or for one chunk of tokens when the
 chunked loss runs (`train.chunked_loss`, decided by the same rule as training). XLA's scheduling, fusion and
@@ -26,6 +28,7 @@ import numpy as np
 from alpaca_jax import sharding
 from alpaca_jax.config import Config
 from alpaca_jax.configlib import ConfigError
+from alpaca_jax.model.attention import FUSED_KERNELS, select_attention
 from alpaca_jax.model.layers import DTYPES
 from alpaca_jax.model.params import logical_axes, param_shapes
 from alpaca_jax.train.loss import run_loss_chunk
@@ -67,13 +70,15 @@ def _tree_bytes(specs, shapes, axis_sizes) -> int:
     return total
 
 
-def _activation_bytes(cfg: Config, rows: int, axis_sizes: dict[str, int]) -> int:
+def _activation_bytes(cfg: Config, rows: int, axis_sizes: dict[str, int], platform: str) -> int:
     m = cfg.model
     size = np.dtype(DTYPES[m.dtype]).itemsize
     tensor = axis_sizes["tensor"]
     t, length, h = rows * cfg.data.max_len, cfg.data.max_len, m.resolved_head_dim
     heads, kv, mlp = m.num_heads / tensor, m.num_kv_heads / tensor, m.intermediate_size / tensor
     scores = 2 * rows * heads * length * length * size           # scores + probabilities
+    if select_attention(m.attention, platform, h).implementation in FUSED_KERNELS:
+        scores = 0
     dense = t * (4 * m.hidden_size + (2 * heads + 2 * kv) * h + 3 * mlp) * size
     per_block = {"none": dense + scores, "save_dots": dense + scores, "minimal": dense,
                  "full": t * m.hidden_size * size}[m.remat]
@@ -84,7 +89,8 @@ def _activation_bytes(cfg: Config, rows: int, axis_sizes: dict[str, int]) -> int
     return int(m.num_layers * per_block + recompute + logits)
 
 
-def plan_memory(cfg: Config, num_devices: int) -> MemoryPlan:
+def plan_memory(cfg: Config, num_devices: int, platform: str | None = None) -> MemoryPlan:
+    """Per-device bytes of `cfg` over `num_devices`, on `platform` (default: JAX's here)."""
     sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, num_devices)))
     shapes, specs = param_shapes(cfg.model), logical_axes(cfg.model)
     param_specs = sharding.mesh_specs(specs, shapes, sizes, cfg.mesh.rules)
@@ -101,7 +107,7 @@ def plan_memory(cfg: Config, num_devices: int) -> MemoryPlan:
                           f"does not divide over data*fsdp = {data_parallel} devices")
     rows = micro // data_parallel
     return MemoryPlan(devices=num_devices, mesh=sizes, params=params, grads=params,
-                      optimizer=opt_bytes, activations=_activation_bytes(cfg, rows, sizes),
+                      optimizer=opt_bytes, activations=_activation_bytes(cfg, rows, sizes, platform or jax.default_backend()),
                       micro_batch_rows=rows)
 
 

@@ -1,4 +1,5 @@
-"""The memory-lean cross-entropy equals the plain one; `train.chunked_loss` decides by size."""
+"""The memory-lean cross-entropy equals the plain one; `train.chunked_loss` decides by size;
+the planner counts the loss and attention that will run."""
 
 from __future__ import annotations
 
@@ -102,3 +103,13 @@ def test_planner_counts_the_chunked_loss():
     saved = 2 * (tokens - LOSS_CHUNK_TOKENS) * vocab * 4
     assert plans["never"].activations - plans["always"].activations == pytest.approx(saved, abs=8)
     assert plans["auto"].activations == plans["always"].activations
+
+
+def test_planner_drops_attention_scores_under_a_fused_kernel():
+    """Planned for a GPU, `auto` attention is the fused kernel, which never writes the
+    [N, T, T] scores and probabilities the planner counts for xla attention on CPU."""
+    cfg = config_from_dict({"model": {"preset": "llama-7b", "num_layers": 2}, "data": {"max_len": 2048},
+                            "train": {"batch_size": 1}, "mesh": {"data": 1, "fsdp": 1}})
+    on_gpu, with_xla = plan_memory(cfg, 1, "gpu"), plan_memory(cfg, 1, "cpu")
+    scores = 2 * 2 * 32 * 2048 * 2048 * 4  # layers x (scores + probabilities) x heads x T x T x fp32
+    assert with_xla.activations - on_gpu.activations == scores
