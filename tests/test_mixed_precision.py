@@ -51,6 +51,9 @@ def test_bf16_loss_curve_tracks_fp32():
     np.testing.assert_allclose(bf16, fp32, rtol=RELATIVE_TOLERANCE)
 
 
-def test_7b_recipe_computes_in_bf16_over_fp32_masters():
-    cfg = load_config(REPO / "configs" / "alpaca_7b.yaml")
-    assert (cfg.model.dtype, cfg.model.param_dtype, cfg.model.attention) == ("bfloat16", "float32", "auto")
+def test_7b_recipes_compute_in_bf16_over_fp32_masters():
+    recipes = sorted((REPO / "configs").glob("*_7b.yaml"))
+    assert len(recipes) >= 1
+    for path in recipes:
+        cfg = load_config(path)
+        assert (cfg.model.dtype, cfg.model.param_dtype, cfg.model.attention) == ("bfloat16", "float32", "auto"), path
