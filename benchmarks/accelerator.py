@@ -18,9 +18,10 @@ its own subprocess, so peak memory is per run and JAX's allocator never meets Py
 MFU counts model FLOPs only (no remat recompute): per token 6 x the matmul parameters
 (embedding lookup excluded, output head included) plus 6 x layers x heads x head_dim x seq for
 causal attention (the 12 L D T of PaLM's appendix B, halved for the causal mask; packing
-boundaries are not subtracted). HF runs the packed rows with `position_ids` but no segment mask
-(`sdpa` takes none), i.e. causally over the whole row: the same FLOPs as ours, and a wrong
-answer we accept for timing only.
+boundaries are not subtracted). HF gets the packed rows' `position_ids` (restarting per example)
+and `use_cache=False`, from which transformers 5 builds the block-diagonal causal mask itself
+(`masking_utils.find_packed_sequence_indices`): both sides compute the same exact function,
+HF's `sdpa` through its masked path, since a mask rules out its flash backend.
 
     python benchmarks/accelerator.py          # the GPU/TPU run: both shapes (< 8 min on one H100)
     python benchmarks/accelerator.py --quick  # tiny shapes: the CPU smoke run (the HF side is
@@ -255,8 +256,8 @@ def torch_worker(shape: dict, steps: int, compiled: bool) -> dict:
 
     def step():
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
-            logits = forward(input_ids=tensors["input_ids"].long(),
-                             position_ids=tensors["positions"].long()).logits
+            logits = forward(input_ids=tensors["input_ids"].long(), position_ids=tensors["positions"].long(),
+                             use_cache=False).logits  # no cache: the packing mask is only built without one
         losses = F.cross_entropy(logits.float().flatten(0, 1), tensors["targets"].long().flatten(),
                                  reduction="none")
         loss = (losses * mask.flatten()).sum() / mask.sum()
