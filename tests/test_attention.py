@@ -85,27 +85,30 @@ def test_model_with_fused_kernel_equals_xla_model_on_packed_rows(implementation)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-# requested, platform, head_dim -> what runs, whether it is interpreted, a fallback warning's words
+# requested, platform, head_dim, devices -> what runs, whether interpreted, a warning's words
 SELECTION = [
-    ("auto", "cpu", 32, "chunked", False, None),
-    ("auto", "gpu", 128, "pallas_flash", False, None),
-    ("auto", "tpu", 128, "splash", False, None),
-    ("auto", "tpu", 64, "xla", False, "multiple of 128"),
-    ("auto", "gpu", 8, "xla", False, "16 <= head_dim <= 256"),
-    ("auto", "metal", 128, "xla", False, "no fused kernel"),
-    ("xla", "gpu", 128, "xla", False, None),
-    ("chunked", "tpu", 128, "chunked", False, None),
-    ("pallas_flash", "cpu", 32, "pallas_flash", True, "interpret mode"),
-    ("splash", "gpu", 128, "xla", False, "is a tpu kernel"),
-    ("pallas_flash", "gpu", 512, "xla", False, "16 <= head_dim <= 256"),
+    ("auto", "cpu", 32, 1, "chunked", False, None),
+    ("auto", "gpu", 128, 1, "pallas_flash", False, None),
+    ("auto", "tpu", 128, 1, "splash", False, None),
+    ("auto", "tpu", 64, 1, "xla", False, "multiple of 128"),
+    ("auto", "gpu", 8, 1, "xla", False, "16 <= head_dim <= 256"),
+    ("auto", "metal", 128, 1, "xla", False, "no fused kernel"),
+    ("auto", "gpu", 128, 8, "xla", False, "mesh of 8 devices"),
+    ("xla", "gpu", 128, 1, "xla", False, None),
+    ("chunked", "tpu", 128, 1, "chunked", False, None),
+    ("pallas_flash", "cpu", 32, 1, "pallas_flash", True, "interpret mode"),
+    ("splash", "gpu", 128, 1, "xla", False, "is a tpu kernel"),
+    ("pallas_flash", "gpu", 512, 1, "xla", False, "16 <= head_dim <= 256"),
+    ("pallas_flash", "gpu", 128, 8, "pallas_flash", False, "not partitioned"),
 ]
 
 
-@pytest.mark.parametrize("requested,platform,head_dim,runs,interpret,warning", SELECTION)
-def test_attention_selection(requested, platform, head_dim, runs, interpret, warning, caplog, monkeypatch):
+@pytest.mark.parametrize("requested,platform,head_dim,devices,runs,interpret,warning", SELECTION)
+def test_attention_selection(requested, platform, head_dim, devices, runs, interpret, warning, caplog,
+                             monkeypatch):
     monkeypatch.setattr(attention, "_logged", set())  # the log is deduplicated per process
     with caplog.at_level(logging.INFO, logger="alpaca_jax"):
-        choice = select_attention(requested, platform, head_dim)
+        choice = select_attention(requested, platform, head_dim, devices)
     assert (choice.implementation, choice.interpret) == (runs, interpret)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     if warning is None:

@@ -54,7 +54,7 @@ def _unsupported(kernel: str, head_dim: int) -> str | None:
     return None
 
 
-def _decide(requested: str, platform: str, head_dim: int) -> tuple[AttentionChoice, bool]:
+def _decide(requested: str, platform: str, head_dim: int, devices: int) -> tuple[AttentionChoice, bool]:
     """(choice, whether it is a fallback from what was asked)."""
     fallback = "chunked" if platform == "cpu" else "xla"  # the faster exact jnp path there
     if requested in ("xla", "chunked"):
@@ -65,6 +65,10 @@ def _decide(requested: str, platform: str, head_dim: int) -> tuple[AttentionChoi
             return AttentionChoice(fallback, False, f"auto on {platform}: no fused kernel that takes "
                                    f"segment ids runs here, so {fallback!r}"), platform != "cpu"
         problem = _unsupported(kernel, head_dim)
+        if devices > 1:
+            # XLA cannot partition a Pallas call: under a sharded jit it would gather q/k/v onto
+            # every device. Until the kernels run under shard_map, meshes keep the jnp path.
+            problem = f"the Pallas kernels are not yet partitioned over a mesh of {devices} devices"
         if problem:
             return AttentionChoice(fallback, False, f"auto on {platform}: {problem}; "
                                    f"falling back to {fallback!r}"), True
@@ -76,6 +80,9 @@ def _decide(requested: str, platform: str, head_dim: int) -> tuple[AttentionChoi
     if problem:
         return AttentionChoice(fallback, False, f"{requested}: {problem}; falling back to {fallback!r}"), True
     if platform == FUSED_KERNELS[requested]:
+        if devices > 1:
+            return AttentionChoice(requested, False, f"requested on {devices} devices: XLA gathers a "
+                                   f"Pallas call's inputs onto every device (not partitioned)"), True
         return AttentionChoice(requested, False, "requested"), False
     if platform == "cpu":
         return AttentionChoice(requested, True, f"{requested} on cpu runs in Pallas interpret mode "
@@ -84,15 +91,16 @@ def _decide(requested: str, platform: str, head_dim: int) -> tuple[AttentionChoi
                            f"this is {platform}; falling back to {fallback!r}"), True
 
 
-def select_attention(requested: str, platform: str, head_dim: int) -> AttentionChoice:
-    """The implementation `model.attention=requested` runs on `platform` ("cpu", "gpu", "tpu").
+def select_attention(requested: str, platform: str, head_dim: int, devices: int = 1) -> AttentionChoice:
+    """The implementation `model.attention=requested` runs on `platform` ("cpu", "gpu", "tpu")
+    with `devices` devices in the computation.
 
     Logs the choice and why, once per distinct outcome; a fallback from what was asked is a
     warning (never silent).
     """
-    choice, fell_back = _decide(requested, platform, head_dim)
+    choice, fell_back = _decide(requested, platform, head_dim, devices)
     message = f"attention: {choice.implementation} ({choice.reason})"
-    if requested != choice.implementation or choice.interpret:
+    if requested != choice.implementation or choice.interpret or fell_back:
         if message not in _logged:
             _logged.add(message)
             log.log(logging.WARNING if fell_back else logging.INFO, message)
@@ -155,7 +163,7 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.
 
     The choice is made at trace time for the platform JAX runs on (`jax.default_backend()`).
     """
-    choice = select_attention(implementation, jax.default_backend(), query.shape[-1])
+    choice = select_attention(implementation, jax.default_backend(), query.shape[-1], jax.device_count())
     if choice.implementation == "chunked":
         return chunked_causal_attention(query, key, value, segment_ids, QUERY_CHUNK)
     if choice.implementation == "xla":
