@@ -58,7 +58,7 @@ class ModelConfig:
     scan_layers: bool = True               # compile one block and scan it (fast compiles at depth)
     remat: Literal["none", "full", "save_dots", "minimal"] = "none"  # activation recompute policy
     init_from: str | None = None           # start from these weights: a local HF LLaMA dir or an import-hf output; null = random init
-    attention: Literal["xla", "chunked"] = "xla"  # attention kernel: jax.nn.dot_product_attention, or causal query blocks (exact, faster on CPU)
+    attention: Literal["auto", "xla", "chunked", "pallas_flash", "splash"] = "auto"  # attention kernel, all exact for packed rows: auto = per platform (GPU pallas_flash, TPU splash, CPU chunked), xla = jax.nn.dot_product_attention, chunked = causal query blocks, pallas_flash = Pallas Triton GPU kernel, splash = TPU splash kernel
 
     def __post_init__(self):
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.vocab_size <= 0:
@@ -165,6 +165,7 @@ class TrainConfig:
     progress_bar: bool = True              # show a tqdm bar on stderr
     resume: bool = True                    # continue from the run dir's latest checkpoint; false = refuse a run dir that has one
     allow_config_change: bool = False      # resume even if model/data/optimizer/schedule/batch/seed keys changed since the checkpoint
+    chunked_loss: Literal["auto", "always", "never"] = "auto"  # cross-entropy over 1024-token chunks so the [B, T, V] fp32 logits never exist whole; auto = chunk when they would exceed 64 MiB per device
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.batch_size % self.grad_accum:

@@ -8,10 +8,14 @@ Activations are an estimate of what the backward pass keeps, per remat policy:
   attention scores and probabilities, and the SwiGLU gate/up/product (per device: batch rows
   divided by data*fsdp, heads and mlp by tensor);
 - minimal: the same without the attention score tensors (they are recomputed);
+- a fused attention kernel (what `model.attention` runs on the planned platform, by default the
+  one JAX sees here) never writes scores, under any policy;
 - full: only each block's input, plus one block's full set while it is recomputed;
-plus fp32 logits and their gradient for one micro-batch (and, for a quantized LoRA base, one
-layer's weights dequantized in the compute dtype). With LoRA, "parameters", gradients and
-optimizer state are the adapters', and the frozen base is counted apart. XLA's scheduling, fusion and
+plus fp32 logits and their gradient for one micro-batch, or for one chunk of tokens when the
+chunked loss runs (`train.chunked_loss`, decided by the same rule as training), and, for a
+quantized LoRA base, one layer's weights dequantized in the compute dtype. With LoRA,
+"parameters", gradients and optimizer state are the adapters', and the frozen base is counted
+apart. XLA's scheduling, fusion and
 temporary buffers move real peaks by tens of percent; treat the verdict as a guide.
 """
 
@@ -26,9 +30,11 @@ import numpy as np
 from alpaca_jax import sharding
 from alpaca_jax.config import Config
 from alpaca_jax.configlib import parse_bytes  # noqa: F401  (re-exported: it lived here first)
+from alpaca_jax.model.attention import FUSED_KERNELS, select_attention
 from alpaca_jax.model.layers import DTYPES
 from alpaca_jax.model.params import logical_axes, param_shapes
 from alpaca_jax.train import adapters
+from alpaca_jax.train.loss import run_loss_chunk
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.state import optimizer_state_layout
 
@@ -58,18 +64,22 @@ def _tree_bytes(specs, shapes, axis_sizes) -> int:
     return total
 
 
-def _activation_bytes(cfg: Config, rows: int, axis_sizes: dict[str, int]) -> int:
+def _activation_bytes(cfg: Config, rows: int, axis_sizes: dict[str, int], platform: str) -> int:
     m = cfg.model
     size = np.dtype(DTYPES[m.dtype]).itemsize
     tensor = axis_sizes["tensor"]
     t, length, h = rows * cfg.data.max_len, cfg.data.max_len, m.resolved_head_dim
     heads, kv, mlp = m.num_heads / tensor, m.num_kv_heads / tensor, m.intermediate_size / tensor
     scores = 2 * rows * heads * length * length * size           # scores + probabilities
+    if select_attention(m.attention, platform, h).implementation in FUSED_KERNELS:
+        scores = 0
     dense = t * (4 * m.hidden_size + (2 * heads + 2 * kv) * h + 3 * mlp) * size
     per_block = {"none": dense + scores, "save_dots": dense + scores, "minimal": dense,
                  "full": t * m.hidden_size * size}[m.remat]
     recompute = dense + scores if m.remat == "full" else 0        # one block live again in backward
-    logits = 2 * t * m.vocab_size / tensor * 4                    # fp32 logits and their gradient
+    loss_chunk, _ = run_loss_chunk(cfg, axis_sizes)
+    logit_tokens = t if loss_chunk is None else min(t, loss_chunk)
+    logits = 2 * logit_tokens * m.vocab_size / tensor * 4         # fp32 logits and their gradient
     dequantized = 0
     if cfg.lora is not None and cfg.lora.quantize != "none":     # one layer's weights, gathered
         q, kv = m.num_heads * h, m.num_kv_heads * h
@@ -77,7 +87,8 @@ def _activation_bytes(cfg: Config, rows: int, axis_sizes: dict[str, int]) -> int
     return int(m.num_layers * per_block + recompute + logits + dequantized)
 
 
-def plan_memory(cfg: Config, num_devices: int) -> MemoryPlan:
+def plan_memory(cfg: Config, num_devices: int, platform: str | None = None) -> MemoryPlan:
+    """Per-device bytes of `cfg` over `num_devices`, on `platform` (default: JAX's here)."""
     sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, num_devices)))
     shapes, specs = adapters.trainable_layout(cfg)
     param_specs = sharding.mesh_specs(specs, shapes, sizes, cfg.mesh.rules)
@@ -94,7 +105,7 @@ def plan_memory(cfg: Config, num_devices: int) -> MemoryPlan:
         frozen = _tree_bytes(sharding.mesh_specs(base_specs, base, sizes, cfg.mesh.rules), base, sizes)
         total_params += adapters.count(param_shapes(cfg.model))
     return MemoryPlan(devices=num_devices, mesh=sizes, params=params, grads=params,
-                      optimizer=opt_bytes, activations=_activation_bytes(cfg, rows, sizes),
+                      optimizer=opt_bytes, activations=_activation_bytes(cfg, rows, sizes, platform or jax.default_backend()),
                       micro_batch_rows=rows, frozen=frozen, trainable_params=adapters.count(shapes),
                       total_params=total_params)
 

@@ -193,7 +193,7 @@ def test_chunked_attention_matches_dot_product_attention(chunk):
 def test_chunked_attention_model_equals_xla_model(monkeypatch):
     """End to end: same params, same packed batch -> same loss and gradients either way."""
     monkeypatch.setattr("alpaca_jax.model.attention.QUERY_CHUNK", 8)  # several blocks at T=24
-    xla, chunked = tiny_model(), tiny_model(attention="chunked")
+    xla, chunked = tiny_model(attention="xla"), tiny_model(attention="chunked")
     params = init_params(xla, jax.random.key(5))
     ids, masks = random_examples(np.random.default_rng(3), [9, 4, 12, 6, 8], xla.vocab_size)
     batch = {k: jnp.asarray(v)[None] for k, v in pack_rows([[0, 1, 2], [3, 4]], ids, masks, 24, 0).items()}

@@ -46,6 +46,7 @@ def test_tiny_main_job_end_to_end(tiny_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["tokenize"]["kept"] > 175
     assert "train" in result.stderr and "packing efficiency" in result.stderr
+    assert "loss: plain loss (auto: fp32 logits of" in result.stderr  # tiny logits: no chunking
 
 
 def test_loss_curve_notebook_runs_on_a_real_kernel(tiny_run):

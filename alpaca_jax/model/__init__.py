@@ -1,6 +1,7 @@
 """The Flax LLaMA: layers, rotary embeddings, attention, SwiGLU MLP, the decoder, presets, LoRA
 adapters (lora.py) and int8/NF4 frozen weights (quantize.py)."""
 
+from alpaca_jax.model.attention import select_attention
 from alpaca_jax.model.params import (adapter_axes, adapter_shapes, count_params, init_adapters, init_params,
                                      logical_axes, param_shapes)
 from alpaca_jax.model.presets import model_preset, preset_names
@@ -9,4 +10,4 @@ from alpaca_jax.model.transformer import Llama
 
 __all__ = ["Llama", "model_preset", "preset_names", "init_params", "param_shapes",
            "logical_axes", "count_params", "init_adapters", "adapter_shapes", "adapter_axes",
-           "QuantizedArray", "quantize", "dequantize"]
+           "QuantizedArray", "quantize", "dequantize", "select_attention"]

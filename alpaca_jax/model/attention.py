@@ -1,11 +1,16 @@
 """Grouped-query self-attention with rotary embeddings, causal within each packed segment.
 
-Two exact implementations of the same function (`ModelConfig.attention`):
+Exact implementations of the same function (`ModelConfig.attention`):
 - "xla": `jax.nn.dot_product_attention` with a [B, 1, T, S] boolean segment-causal mask.
 - "chunked": queries split into static blocks, each attending only to its key prefix (the keys
   after a block can never be attended to under a causal mask). Same result, about half the
   score FLOPs and memory at long lengths, no [B, 1, T, T] mask broadcast; the faster choice on
   CPU. It is plain jnp, so it also runs (and differentiates) everywhere.
+- "pallas_flash" (GPU) and "splash" (TPU): fused Pallas kernels that take segment ids
+  (`alpaca_jax.model.fused_attention`). cuDNN's fused attention is not offered: it takes no
+  segment ids, so packed examples would attend to each other.
+- "auto" (the default): the fastest of these that is exact for packed rows on the platform
+  the step runs on, chosen (and logged, with the reason) by `select_attention`.
 
 Decoding uses a third path, `cached_attention`: the keys and values of earlier tokens come from
 a read-only `KVCache` (slot s holding position s of its row) and the new tokens' own keys are
@@ -20,18 +25,95 @@ K kv heads, G query heads per kv head (N = K * G), H head dim, R rows of a query
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from alpaca_jax.config import LoraConfig
+from alpaca_jax.model.fused_attention import pallas_flash_attention, splash_attention
 from alpaca_jax.model.layers import param
 from alpaca_jax.model.lora import adapted_dense
 from alpaca_jax.model.rope import apply_rope
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "chunked")
+log = logging.getLogger("alpaca_jax")
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "pallas_flash", "splash")
 QUERY_CHUNK = 128  # queries per block of the chunked attention (a multiple of the SIMD width)
+FUSED_KERNELS = {"pallas_flash": "gpu", "splash": "tpu"}  # fused kernel -> the platform it compiles for
+_logged: set[str] = set()  # selection messages already logged (attention is traced once per layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionChoice:
+    implementation: str  # what runs: xla | chunked | pallas_flash | splash
+    interpret: bool      # a Pallas kernel run by the Pallas interpreter (off its platform: tests)
+    reason: str          # why, in words (logged)
+
+
+def _unsupported(kernel: str, head_dim: int) -> str | None:
+    """Why `kernel` cannot take this shape, or None. (Lengths never stop them: rows are padded.)"""
+    if kernel == "pallas_flash" and not 16 <= head_dim <= 256:
+        return f"the Triton flash kernel needs 16 <= head_dim <= 256, got {head_dim}"
+    if kernel == "splash" and head_dim % 128:
+        return f"splash attention needs head_dim a multiple of 128 (TPU lanes), got {head_dim}"
+    return None
+
+
+def _decide(requested: str, platform: str, head_dim: int, devices: int) -> tuple[AttentionChoice, bool]:
+    """(choice, whether it is a fallback from what was asked)."""
+    fallback = "chunked" if platform == "cpu" else "xla"  # the faster exact jnp path there
+    if requested in ("xla", "chunked"):
+        return AttentionChoice(requested, False, "requested"), False
+    if requested == "auto":
+        kernel = next((k for k, p in FUSED_KERNELS.items() if p == platform), None)
+        if kernel is None:
+            return AttentionChoice(fallback, False, f"auto on {platform}: no fused kernel that takes "
+                                   f"segment ids runs here, so {fallback!r}"), platform != "cpu"
+        problem = _unsupported(kernel, head_dim)
+        if devices > 1:
+            # XLA cannot partition a Pallas call: under a sharded jit it would gather q/k/v onto
+            # every device. Until the kernels run under shard_map, meshes keep the jnp path.
+            problem = f"the Pallas kernels are not yet partitioned over a mesh of {devices} devices"
+        if problem:
+            return AttentionChoice(fallback, False, f"auto on {platform}: {problem}; "
+                                   f"falling back to {fallback!r}"), True
+        return AttentionChoice(kernel, False, f"auto on {platform}: fused {kernel!r} kernel "
+                               f"with segment ids (exact for packed rows)"), False
+    if requested not in FUSED_KERNELS:
+        raise ValueError(f"unknown attention implementation {requested!r}")
+    problem = _unsupported(requested, head_dim)
+    if problem:
+        return AttentionChoice(fallback, False, f"{requested}: {problem}; falling back to {fallback!r}"), True
+    if platform == FUSED_KERNELS[requested]:
+        if devices > 1:
+            return AttentionChoice(requested, False, f"requested on {devices} devices: XLA gathers a "
+                                   f"Pallas call's inputs onto every device (not partitioned)"), True
+        return AttentionChoice(requested, False, "requested"), False
+    if platform == "cpu":
+        return AttentionChoice(requested, True, f"{requested} on cpu runs in Pallas interpret mode "
+                               f"(exact but slow: for tests)"), True
+    return AttentionChoice(fallback, False, f"{requested} is a {FUSED_KERNELS[requested]} kernel and "
+                           f"this is {platform}; falling back to {fallback!r}"), True
+
+
+def select_attention(requested: str, platform: str, head_dim: int, devices: int = 1) -> AttentionChoice:
+    """The implementation `model.attention=requested` runs on `platform` ("cpu", "gpu", "tpu")
+    with `devices` devices in the computation.
+
+    Logs the choice and why, once per distinct outcome; a fallback from what was asked is a
+    warning (never silent).
+    """
+    choice, fell_back = _decide(requested, platform, head_dim, devices)
+    message = f"attention: {choice.implementation} ({choice.reason})"
+    if requested != choice.implementation or choice.interpret or fell_back:
+        if message not in _logged:
+            _logged.add(message)
+            log.log(logging.WARNING if fell_back else logging.INFO, message)
+    return choice
 
 
 def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
@@ -86,13 +168,19 @@ def chunked_causal_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array,
            implementation: str) -> jax.Array:
-    """Segment-causal GQA attention by the named implementation: [B, T, N, H] out."""
-    if implementation == "chunked":
+    """Segment-causal GQA attention by the named implementation: [B, T, N, H] out.
+
+    The choice is made at trace time for the platform JAX runs on (`jax.default_backend()`).
+    """
+    choice = select_attention(implementation, jax.default_backend(), query.shape[-1], jax.device_count())
+    if choice.implementation == "chunked":
         return chunked_causal_attention(query, key, value, segment_ids, QUERY_CHUNK)
-    if implementation == "xla":
+    if choice.implementation == "xla":
         # dot_product_attention accepts K < N when K divides N.
         return jax.nn.dot_product_attention(query, key, value, mask=segment_causal_mask(segment_ids))
-    raise ValueError(f"unknown attention implementation {implementation!r}")
+    if choice.implementation == "pallas_flash":
+        return pallas_flash_attention(query, key, value, segment_ids, interpret=choice.interpret)
+    return splash_attention(query, key, value, segment_ids, interpret=choice.interpret)
 
 
 @flax.struct.dataclass
@@ -145,7 +233,7 @@ class Attention(nn.Module):
     init_std: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
-    implementation: str = "xla"
+    implementation: str = "auto"
     lora: LoraConfig | None = None  # adapters on some of q, k, v, o (model/lora.py)
 
     @nn.compact

@@ -65,13 +65,19 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 cache: KVCache | None = None, logits_at: jax.Array | None = None):
+                 cache: KVCache | None = None, logits_at: jax.Array | None = None,
+                 return_hidden: bool = False):
         """[B, T] int ids, positions and segment ids -> [B, T, V] logits (compute dtype).
 
         Decoding: pass `cache` ([L, B, K, S, H] keys and values of earlier tokens, read only;
         segment_ids is then unused) and get (logits, the new tokens' keys and values as a
         [L, B, T, K, H] `KVCache`); `logits_at` [B] picks one position per row to compute the
         output head at ([B, 1, V] logits), since only each row's last token is sampled from.
+
+        Training with `return_hidden=True` returns instead the final-norm hidden states
+        [B, T, D] and the output head [V, D] (tied or not, in the compute dtype), whose product
+        the logits are: the memory-lean loss (`alpaca_jax.train.loss`) multiplies them chunk by
+        chunk so the [B, T, V] logits never exist at once.
         """
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -112,5 +118,7 @@ class Llama(nn.Module):
             # backward ~10% faster than with a [D, V] weight (BENCHMARKS.md, layer matmuls).
             head = param(self, "lm_head", init, (cfg.vocab_size, cfg.hidden_size),
                          ("vocab", "embed"), param_dtype)
+        if return_hidden:
+            return x, head.astype(dtype)
         logits = dense(x, head.astype(dtype).T)  # [B, T, V]
         return logits if cache is None else (logits, new_kv)

@@ -1,5 +1,6 @@
 """Training: the train-state pytree, the pure train step, the optimizer, and the loop."""
 
+from alpaca_jax.train.loss import chunked_loss_rule, chunked_token_cross_entropy
 from alpaca_jax.train.loop import TrainingError, TrainResult, train
 from alpaca_jax.train.metrics import read_metrics
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -9,4 +10,5 @@ from alpaca_jax.train.step import loss_and_grads, summed_loss, token_cross_entro
 
 __all__ = ["train", "TrainingError", "Interrupted", "TrainResult", "read_metrics", "learning_rate_schedule",
            "make_optimizer", "TrainState", "create_train_state", "state_shardings",
-           "loss_and_grads", "summed_loss", "token_cross_entropy", "train_step"]
+           "loss_and_grads", "summed_loss", "token_cross_entropy", "train_step",
+           "chunked_token_cross_entropy", "chunked_loss_rule"]

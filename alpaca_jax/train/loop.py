@@ -32,6 +32,7 @@ from alpaca_jax.model import Llama
 from alpaca_jax.preflight import check_resume_config, check_train_outputs
 from alpaca_jax.train import adapters
 from alpaca_jax.train.evaluate import eval_batches, eval_step, mean_eval_loss
+from alpaca_jax.train.loss import run_loss_chunk
 from alpaca_jax.train.metrics import MetricsWriter
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.preemption import Interrupted, StopRequest
@@ -238,9 +239,11 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
                  resume_step, total_steps)
     batch_sh = sharding.batch_sharding(mesh, rules, leading=1)
     base_args = () if base is None else (base,)
+    loss_chunk, loss_reason = run_loss_chunk(cfg, dict(mesh.shape))
+    log.info("loss: %s", loss_reason)
     step_fn = jax.jit(
         functools.partial(train_step, model=Llama(cfg.model, cfg.lora), optimizer=optimizer,
-                          schedule=schedule, seed=cfg.train.seed),
+                          schedule=schedule, seed=cfg.train.seed, loss_chunk=loss_chunk),
         in_shardings=(shardings, batch_sh, *(() if base is None else (base_sh,))),
         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 

@@ -15,15 +15,10 @@ import jax.numpy as jnp
 import optax
 
 from alpaca_jax.model.lora import COLLECTION as LORA_COLLECTION
+from alpaca_jax.train.loss import chunked_token_cross_entropy, token_cross_entropy
 from alpaca_jax.train.state import TrainState
 
-
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-position -log p(target), computed in fp32: [B, T, V], [B, T] -> [B, T]."""
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_z - target_logit
+__all__ = ["summed_loss", "loss_and_grads", "train_step", "token_cross_entropy"]
 
 
 def model_variables(params, base=None) -> dict:
@@ -31,19 +26,24 @@ def model_variables(params, base=None) -> dict:
     return {"params": params} if base is None else {"params": base, LORA_COLLECTION: params}
 
 
-def summed_loss(params, model, batch, base=None, rng=None) -> jax.Array:
+def summed_loss(params, model, batch, base=None, rng=None, loss_chunk: int | None = None) -> jax.Array:
     """Sum of response-token losses of one [B, T] batch (not yet divided by the count).
 
-    `base`: the frozen LoRA base when `params` are adapters; `rng`: the adapters' dropout key.
+    `base`: the frozen LoRA base when `params` are adapters; `rng`: the adapters' dropout key;
+    `loss_chunk` tokens at a time through the memory-lean loss, or None for the plain one.
     """
     rngs = {} if rng is None else {"dropout": rng}
-    logits = model.apply(model_variables(params, base), batch["input_ids"], batch["positions"],
-                         batch["segment_ids"], rngs=rngs)
-    losses = token_cross_entropy(logits, batch["targets"])
+    variables = model_variables(params, base)
+    inputs = (batch["input_ids"], batch["positions"], batch["segment_ids"])
+    if loss_chunk is None:
+        losses = token_cross_entropy(model.apply(variables, *inputs, rngs=rngs), batch["targets"])
+    else:
+        hidden, head = model.apply(variables, *inputs, return_hidden=True, rngs=rngs)
+        losses = chunked_token_cross_entropy(hidden, head, batch["targets"], loss_chunk)
     return jnp.sum(losses * batch["loss_mask"])
 
 
-def loss_and_grads(params, model, batch, base=None, rng=None):
+def loss_and_grads(params, model, batch, base=None, rng=None, loss_chunk: int | None = None):
     """Mean response-token loss and its gradient over a batch of [A, M, T] micro-batches.
 
     Each micro-batch's summed loss is divided by the global token count before
@@ -52,7 +52,8 @@ def loss_and_grads(params, model, batch, base=None, rng=None):
     """
     num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     micro_rng = lambda i: None if rng is None else jax.random.fold_in(rng, i)
-    grad_fn = jax.value_and_grad(lambda p, mb, i: summed_loss(p, model, mb, base, micro_rng(i)) / num_tokens)
+    grad_fn = jax.value_and_grad(
+        lambda p, mb, i: summed_loss(p, model, mb, base, micro_rng(i), loss_chunk) / num_tokens)
     if batch["input_ids"].shape[0] == 1:  # no accumulation: skip the scan
         return grad_fn(params, jax.tree.map(lambda x: x[0], batch), 0)
 
@@ -68,15 +69,17 @@ def loss_and_grads(params, model, batch, base=None, rng=None):
 
 
 def train_step(state: TrainState, batch, base=None, *, model, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule, seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule, seed: int = 0,
+               loss_chunk: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch of [A, M, T] arrays (A = accumulation steps).
 
     With LoRA, `state.params` are the adapters and `base` the frozen weights (read, never
     returned). Dropout keys derive from (seed, step, micro-batch), so a resumed run draws the
-    same masks as an uninterrupted one.
+    same masks as an uninterrupted one. `loss_chunk`: tokens per chunk of the memory-lean
+    cross-entropy, None for the plain one (`alpaca_jax.train.loss.run_loss_chunk` decides).
     """
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    loss, grads = loss_and_grads(state.params, model, batch, base, rng)
+    loss, grads = loss_and_grads(state.params, model, batch, base, rng, loss_chunk)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
