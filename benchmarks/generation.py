@@ -3,7 +3,7 @@ cache), on the same weights; and `serve` under concurrent streaming clients vs o
 
 Two shapes with random weights (init std 0.02), exported with `alpaca_jax.hf.export_hf` so both
 sides load the very same tensors:
-    tiny   the `tiny` preset (hidden 128, 4 layers, 4 heads / 2 KV heads, vocab 2048; 1.0M params)
+    tiny   the `tiny` preset (hidden 128, 4 layers, 4 heads / 2 KV heads, vocab 2048; 1.3M params)
     30m    hidden 512, 8 layers, 8 heads, intermediate 1408, vocab 8192 (34.1M params), the
            train-throughput benchmark's shape
 Decode: greedy, a 32-token prompt, N new tokens (EOS disabled on both sides, so every row runs
