@@ -13,6 +13,7 @@ examples:
   alpaca-jax train                                  # the embedded default: tiny LLaMA on the bundled seed tasks
   alpaca-jax train configs/tiny.yaml train.max_steps=50 run.dir=runs/smoke
   alpaca-jax train configs/alpaca_7b.yaml tokenizer.path=/models/llama-7b data.train_files=[alpaca_data.json]
+  alpaca-jax train configs/vicuna_7b.yaml tokenizer.path=/models/llama-7b data.train_files=[sharegpt.json]
   alpaca-jax export-hf runs/smoke hf/smoke                # a run's latest checkpoint -> HF LLaMA dir
   alpaca-jax import-hf /models/llama-2-7b-hf imported/llama2   # HF LLaMA dir -> our params
   alpaca-jax chat runs/smoke                               # talk to a trained run in the terminal
@@ -32,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", help="fine-tune (or train from scratch) a LLaMA on instruction data",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train on Alpaca-format data. CONFIG is a YAML file (default: the embedded tiny "
+        description="Train on Alpaca-format data or conversations (ShareGPT, OpenAI messages, "
+                    "OpenAssistant trees; data.template picks the chat template, data.mixture "
+                    "weights several sources). CONFIG is a YAML file (default: the embedded tiny "
                     "config); any field can then be overridden as section.field=value, e.g. "
                     "train.max_steps=100 optimizer.learning_rate=1e-4 run.dir=runs/x. The run "
                     "directory receives config.yaml, metrics.jsonl, TensorBoard events, the "

@@ -16,7 +16,7 @@ from alpaca_jax import configlib
 from alpaca_jax.configlib import ConfigError
 
 __all__ = ["Config", "ModelConfig", "RopeScalingConfig", "TokenizerConfig", "DataConfig",
-           "OptimizerConfig", "TrainConfig", "RunConfig", "MeshConfig", "DistributedConfig", "CheckpointConfig",
+           "DataSourceConfig", "OptimizerConfig", "TrainConfig", "RunConfig", "MeshConfig", "DistributedConfig", "CheckpointConfig",
            "ConfigError",
            "load_config", "config_from_dict", "save_config", "CONFIG_DIR", "MODEL_PRESET_DIR"]
 
@@ -86,19 +86,42 @@ class TokenizerConfig:
     add_bos: bool = True                   # prepend the BOS token to every example (LLaMA does)
 
 
+DataFormat = Literal["auto", "alpaca", "seed_tasks", "sharegpt", "openai", "oasst"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSourceConfig:
+    """One source of a data mixture."""
+    path: str = ""                         # JSON/JSONL file (Alpaca or conversations) or a save_to_disk directory
+    weight: float = 1.0                    # relative share of each epoch's examples
+    format: DataFormat = "auto"            # row layout; auto detects per row
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError("data.mixture: every source needs a path")
+        if not self.weight > 0:
+            raise ConfigError(f"data.mixture: weight of {self.path} must be positive, got {self.weight}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Instruction data: files, prompt template, lengths and packing."""
+    """Instruction data and conversations: files or a weighted mixture, chat template, lengths and packing."""
     train_files: tuple[str, ...] = ("builtin:seed_tasks",)  # JSON/JSONL files; builtin:seed_tasks = bundled pool
-    format: Literal["auto", "alpaca", "seed_tasks"] = "auto"  # row schema; auto detects per file
-    template: Literal["alpaca"] = "alpaca"  # prompt template family (with/without input)
+    format: DataFormat = "auto"            # row layout of train_files; auto detects per row
+    template: Literal["alpaca", "vicuna_v1.1", "koala", "tokenizer"] = "alpaca"  # chat template; tokenizer = its chat_template
     max_len: int = 256                     # tokens per example (BOS..EOS) and per packed row
     packing: bool = True                   # pack several examples per row (else one, padded)
     pack_window: int = 64                  # open rows first-fit packing keeps (more = denser)
+    long_conversations: Literal["truncate", "split"] = "truncate"  # over max_len: keep whole exchanges that fit, or split into several examples
+    on_malformed: Literal["skip", "error"] = "skip"  # bad conversations: count and skip, or stop naming file:line
+    mixture: tuple[DataSourceConfig, ...] = ()  # weighted sources; when set, replaces train_files
+    mixture_size: int | None = None        # examples drawn from the mixture per epoch; null = all sources' total
 
     def __post_init__(self):
-        if not self.train_files:
+        if not self.train_files and not self.mixture:
             raise ConfigError("data.train_files: at least one file is needed")
+        if self.mixture_size is not None and self.mixture_size <= 0:
+            raise ConfigError(f"data.mixture_size must be positive, got {self.mixture_size}")
         if self.max_len < 8:
             raise ConfigError(f"data.max_len must be at least 8, got {self.max_len}")
         if self.pack_window < 1:

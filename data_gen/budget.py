@@ -1,8 +1,9 @@
-"""Token and cost accounting, and the optional caps that stop a run cleanly.
+"""Request, token and cost accounting, and the optional caps that stop a run cleanly.
 
 Usage comes from the teacher's responses (`usage.prompt_tokens`, `usage.completion_tokens`),
 including responses replayed from the journal, so a resumed run counts what was already spent
-and a cap holds across restarts. Cost uses the per-model price table in the config (USD per
+and a cap holds across restarts. Every completed request counts against `max_requests`,
+garbage included: a teacher that answers only garbage reports 0 tokens but is still paid. Cost uses the per-model price table in the config (USD per
 million tokens); a model without a price costs 0 unless a cost cap demands a price.
 
 Not here: deciding what to do when the cap is hit (the pipelines stop issuing requests).
@@ -23,6 +24,8 @@ class Budget:
         self.model = model
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.requests = 0          # completed requests, replayed ones included
+        self._in_flight = 0        # requests claimed by `reserve` and not yet recorded or released
         self._lock = threading.Lock()
 
     @property
@@ -37,13 +40,38 @@ class Budget:
         return (self.prompt_tokens * price.prompt_per_million
                 + self.completion_tokens * price.completion_per_million) / 1e6
 
-    def record(self, prompt_tokens: int, completion_tokens: int) -> None:
+    def reserve(self) -> bool:
+        """Claim one request before sending it; False once a cap is reached.
+
+        Requests in flight count against `max_requests`, so concurrency cannot overshoot it
+        (token and cost caps can be overshot by what is in flight: usage is known only after)."""
+        with self._lock:
+            if self._exhausted(self._in_flight) is not None:
+                return False
+            self._in_flight += 1
+            return True
+
+    def release(self) -> None:
+        """A reserved request ended without a completed response (not paid)."""
+        with self._lock:
+            self._in_flight -= 1
+
+    def record(self, prompt_tokens: int, completion_tokens: int, reserved: bool = False) -> None:
         with self._lock:
             self.prompt_tokens += prompt_tokens
             self.completion_tokens += completion_tokens
+            self.requests += 1
+            self._in_flight -= reserved
 
     def exhausted(self) -> str | None:
         """Why no further request may be sent, or None while within budget."""
+        with self._lock:
+            return self._exhausted(0)
+
+    def _exhausted(self, in_flight: int) -> str | None:
+        cap_requests = self.config.max_requests
+        if cap_requests is not None and self.requests + in_flight >= cap_requests:
+            return f"request budget reached ({self.requests} >= {cap_requests})"
         cap = self.config.max_tokens
         if cap is not None and self.total_tokens >= cap:
             return f"token budget reached ({self.total_tokens} >= {cap})"

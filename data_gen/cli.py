@@ -1,6 +1,7 @@
 """`alpaca-jax generate` and `alpaca-jax dedup` (also `python -m data_gen`): parse, dispatch.
 
-Config and usage errors print one line `error: ...` to stderr and return 2.
+Config and usage errors print one line `error: ...` to stderr and return 2. A generate run that
+ends before its target prints one line and returns the code of its stop (`EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ import sys
 
 from alpaca_jax.configlib import ConfigError
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_CODES"]
+
+# Exit codes of `generate`, by report["stop"]; 2 is a bad config or usage.
+EXIT_CODES = {
+    "target": 0,        # the requested number of instructions was reached, every task complete
+    "no_progress": 1,   # the teacher gave no usable answer (dead endpoint, garbage), or refused
+    "budget": 3,        # budget.max_requests / max_tokens / max_cost_usd reached: data.json holds
+                        # every completed task; raise the cap and rerun to continue
+    "max_rounds": 4,    # pipeline.max_rounds reached before the target: data.json written
+}
 
 GENERATE_HELP = """\
 Generate instruction-following data with a teacher LLM and write Alpaca-format JSON.
@@ -25,7 +35,13 @@ The API key is read from the environment variable named by teacher.api_key_env
 
 The output directory gets journal.jsonl (every completed response, fsync'ed), data.json and
 report.json. Rerun the same command after a crash or kill to resume: completed requests are
-replayed from the journal, never sent again."""
+replayed from the journal, never sent again.
+
+Exit codes: 0 target reached; 1 the teacher refused (bad key, unknown model) or gave no usable
+answer for pipeline.max_idle_rounds batches in a row (dead endpoint, garbage); 2 bad config;
+3 a budget cap was reached (data.json holds every completed task); 4 pipeline.max_rounds was
+reached before the target. Every stop but 0 prints one line; the journal stays intact and
+the same command resumes."""
 
 DEDUP_HELP = """\
 Drop near-duplicate instructions: an instruction is dropped when its ROUGE-L F-measure
@@ -66,12 +82,21 @@ def _generate(args: argparse.Namespace) -> int:
         report = generate(config)
     except TeacherFatalError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps({k: report[k] for k in ("stop_reason", "kept", "candidates", "dropped", "tokens")}),
-          file=sys.stderr)
-    print(f"wrote {config.output.dir}/data.json ({report['kept']} examples) and report.json",
-          file=sys.stderr)
-    return 0
+        return EXIT_CODES["no_progress"]
+    stop = report["stop"]
+    written = f"wrote {config.output.dir}/data.json ({report['kept']} examples) and report.json"
+    if stop == "no_progress":
+        print(f"error: {report['stop_reason']}", file=sys.stderr)
+    elif stop != "target":
+        cap = "budget.*" if stop == "budget" else "pipeline.max_rounds"
+        print(f"stopped: {report['stop_reason']}; {written}; raise {cap} and rerun the same "
+              "command to continue", file=sys.stderr)
+    else:
+        summary = {k: report[k] for k in ("stop_reason", "kept", "candidates", "dropped", "tokens")}
+        summary["garbage_requests"] = report["requests"]["garbage_total"]
+        print(json.dumps(summary), file=sys.stderr)
+        print(written, file=sys.stderr)
+    return EXIT_CODES[stop]
 
 
 def _dedup(args: argparse.Namespace) -> int:

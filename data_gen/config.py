@@ -15,10 +15,12 @@ from typing import Literal
 
 from alpaca_jax.configlib import ConfigError, apply_overrides, build, load_yaml
 
-__all__ = ["TeacherConfig", "PipelineConfig", "FilterConfig", "DedupConfig", "ModelPrice",
-           "BudgetConfig", "OutputConfig", "GenerateConfig", "load_config", "DEFAULT_SEED_TASKS"]
+__all__ = ["TeacherConfig", "SamplingConfig", "InstanceSampling", "StageSampling", "PipelineConfig",
+           "FilterConfig", "DedupConfig", "ModelPrice", "BudgetConfig", "OutputConfig",
+           "GenerateConfig", "load_config", "DEFAULT_SEED_TASKS", "DEFAULT_INSTANCE_DEMOS"]
 
 DEFAULT_SEED_TASKS = Path(__file__).resolve().parent / "seed_tasks.jsonl"
+DEFAULT_INSTANCE_DEMOS = Path(__file__).resolve().parent / "instance_demos.jsonl"
 
 # Words that mark a task a text-only model cannot do (Self-Instruct's list plus Alpaca's
 # additions); matched as whole words, case-insensitively.
@@ -37,24 +39,70 @@ class TeacherConfig:
     api: Literal["chat", "completions"] = "completions"
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 3072
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     timeout_s: float = 120.0
     max_concurrency: int = 8
     max_retries: int = 8
+    # A refused connection or an unknown host before the teacher has answered once in this run
+    # is most likely a wrong URL or a server that is down: retry it only this often, so a dead
+    # endpoint ends the run in seconds. Once the teacher has answered, max_retries applies.
+    max_connect_retries: int = 2
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
 
     def __post_init__(self):
         _require(self.max_concurrency >= 1, "teacher.max_concurrency must be >= 1")
         _require(self.max_retries >= 0, "teacher.max_retries must be >= 0")
+        _require(self.max_connect_retries >= 0, "teacher.max_connect_retries must be >= 0")
         _require(self.timeout_s > 0, "teacher.timeout_s must be > 0")
         _require(0 < self.backoff_initial_s <= self.backoff_max_s,
                  "teacher.backoff_initial_s must be > 0 and <= teacher.backoff_max_s")
-        _require(self.max_tokens >= 1, "teacher.max_tokens must be >= 1")
+
+
+# Each stage of a pipeline samples with its own block, so a penalty chosen for diverse
+# instructions (stage 1) never leaks into the greedy classification and instance requests.
+# Defaults are Self-Instruct's released settings; the original's top_p=0 beside temperature 0 is
+# written as 1.0 here: greedy either way, and vLLM rejects top_p=0.
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 3072
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def check(self, name: str) -> None:
+        _require(self.temperature >= 0, f"sampling.{name}.temperature must be >= 0")
+        _require(0 < self.top_p <= 1, f"sampling.{name}.top_p must be in (0, 1]")
+        _require(self.max_tokens >= 1, f"sampling.{name}.max_tokens must be >= 1")
+
+    def params(self) -> dict[str, float | int]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
+
+
+@dataclass(frozen=True)
+class InstanceSampling(SamplingConfig):
+    temperature: float = 0.0
+    max_tokens: int = 350
+    presence_penalty: float = 1.5
+    classification_max_tokens: int = 300
+
+    def check(self, name: str) -> None:
+        super().check(name)
+        _require(self.classification_max_tokens >= 1,
+                 f"sampling.{name}.classification_max_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class StageSampling:
+    instructions: SamplingConfig = field(default_factory=SamplingConfig)
+    classification: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=3))
+    instances: InstanceSampling = field(default_factory=InstanceSampling)
+
+    def __post_init__(self):
+        for name in ("instructions", "classification", "instances"):
+            getattr(self, name).check(name)
 
 
 @dataclass(frozen=True)
@@ -67,7 +115,9 @@ class PipelineConfig:
     requests_per_round: int = 5
     tasks_per_request: int = 20
     max_rounds: int = 1000
+    max_idle_rounds: int = 3              # stop after this many batches in a row without a usable answer
     max_instances_per_task: int = 5
+    instance_demos: str | None = None     # stage 3 demonstrations (JSONL); None = instance_demos.jsonl
     classification_only_seeds: bool = False
     seed: int = 0
 
@@ -77,14 +127,21 @@ class PipelineConfig:
         _require(0 <= self.num_machine_instructions <= self.num_prompt_instructions,
                  "pipeline.num_machine_instructions must be in [0, num_prompt_instructions]")
         _require(self.requests_per_round >= 1, "pipeline.requests_per_round must be >= 1")
-        _require(self.tasks_per_request > self.num_prompt_instructions,
-                 "pipeline.tasks_per_request must exceed pipeline.num_prompt_instructions")
+        # The reply stops as the teacher starts task `tasks_per_request`, so the new tasks are
+        # numbered num_prompt_instructions + 1 .. tasks_per_request - 1.
+        _require(self.tasks_per_request > self.num_prompt_instructions + 1,
+                 "pipeline.tasks_per_request must exceed pipeline.num_prompt_instructions + 1")
         _require(self.max_rounds >= 1, "pipeline.max_rounds must be >= 1")
+        _require(self.max_idle_rounds >= 1, "pipeline.max_idle_rounds must be >= 1")
         _require(self.max_instances_per_task >= 1, "pipeline.max_instances_per_task must be >= 1")
 
     @property
     def seed_path(self) -> Path:
         return Path(self.seed_tasks) if self.seed_tasks else DEFAULT_SEED_TASKS
+
+    @property
+    def instance_demos_path(self) -> Path:
+        return Path(self.instance_demos) if self.instance_demos else DEFAULT_INSTANCE_DEMOS
 
 
 @dataclass(frozen=True)
@@ -124,9 +181,12 @@ class ModelPrice:
 class BudgetConfig:
     max_tokens: int | None = None
     max_cost_usd: float | None = None
+    max_requests: int | None = None       # completed (paid) requests, garbage included; None = no cap
     prices: dict[str, ModelPrice] = field(default_factory=dict)
 
     def __post_init__(self):
+        _require(self.max_requests is None or self.max_requests > 0,
+                 "budget.max_requests must be > 0 or null")
         _require(self.max_tokens is None or self.max_tokens > 0, "budget.max_tokens must be > 0 or null")
         _require(self.max_cost_usd is None or self.max_cost_usd > 0,
                  "budget.max_cost_usd must be > 0 or null")
@@ -141,6 +201,7 @@ class OutputConfig:
 @dataclass(frozen=True)
 class GenerateConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sampling: StageSampling = field(default_factory=StageSampling)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)

@@ -8,7 +8,9 @@ The output directory holds:
 
 Rerunning the same command in the same directory replays the journal (no network for work
 already done) and continues; `data.json` and `report.json` are written atomically at the end,
-so they are either absent, from a previous complete run, or complete.
+so they are either absent, from a previous complete run, or complete. They are written on
+every stop (target, budget, no progress, max_rounds: `report["stop"]`), holding every task
+completed so far; only a refusal by the teacher (`TeacherFatalError`) leaves them as they were.
 
 Not here: the pipelines themselves (alpaca.py, self_instruct.py).
 """

@@ -7,11 +7,15 @@ them the same way:
   `###\\nk. Instruction: ...\\nk. Input:\\n...\\nk. Output:\\n...`, ending with the next
   number's `Instruction:`; the reply is split on `###`.
 - Self-Instruct (Wang et al. 2022): "Come up with a series of tasks:" and a numbered list to
-  continue; "Is it classification?" for stage 2; output-first (`Class label:` then input) for
-  classification tasks and input-first (`Example k` / `Input:` / `Output:`) for the rest.
+  continue; "Is it classification?" for stage 2; for stage 3, demonstration tasks that each show
+  several instances with their own field names (`Sentence:`, `List:`, ...): output-first
+  (`Class label:` then the input) for classification tasks, input-first (`Example 1`,
+  `Example 2`, ... then `Output:`) for the rest, so the teacher writes several instances too.
 
-The few-shot examples of the stage 2 and 3 prompts are drawn from the seed pool itself, so a
-new seed pool (another language, another domain) brings its own demonstrations.
+The stage 2 examples are drawn from the seed pool itself, so a new seed pool (another language,
+another domain) brings its own; the stage 3 demonstrations come from their own file
+(`pipeline.instance_demos`), since a seed pool holds one instance per task. The instructions in
+the prompts are our own wording; only the field layout follows the originals.
 
 Not here: filtering (filters.py) and deciding what to send (the pipelines).
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["SeedTask", "Parsed", "ALPACA_PREAMBLE", "encode_alpaca_prompt", "parse_alpaca_response",
+__all__ = ["SeedTask", "DemoTask", "Parsed", "ALPACA_PREAMBLE", "encode_alpaca_prompt", "parse_alpaca_response",
            "encode_bootstrap_prompt", "parse_bootstrap_response", "encode_classification_prompt",
            "parse_classification_response", "encode_instance_prompt", "parse_instances"]
 
@@ -53,6 +57,15 @@ class SeedTask:
     instruction: str
     input: str
     output: str
+    is_classification: bool
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """A stage 3 demonstration: a task and several (input, output) instances; each input keeps
+    its task-specific field names, e.g. "Sentence: ...", and may be empty."""
+    instruction: str
+    instances: tuple[tuple[str, str], ...]
     is_classification: bool
 
 
@@ -134,9 +147,20 @@ def parse_bootstrap_response(text: str, finish_reason: str | None, drop_truncate
 
 
 # -- Self-Instruct stage 2: is it a classification task? ---------------------------------------
+CLASSIFICATION_HEADER = ("For each task, say whether it is a classification task: one whose answer "
+                         "is picked from a small, fixed set of labels.\n\n")
+INSTANCE_HEADER_CLASSIFICATION = (
+    "Each task below is a classification task. For each of its possible class labels, write the "
+    "label first and then an input that belongs to that label. When the task takes no input, "
+    "just list the labels it can produce.\n\n")
+INSTANCE_HEADER_GENERATION = (
+    "Write examples for each task below, several of them when the task allows it: each example "
+    "gives the input under the task's own field names, then the output. When a task needs no "
+    "input, write the output directly.\n\n")
+
+
 def encode_classification_prompt(examples: list[SeedTask], instruction: str) -> str:
-    prompt = ("Can the following task be regarded as a classification task with finite output "
-              "labels?\n\n")
+    prompt = CLASSIFICATION_HEADER
     for task in examples:
         answer = "Yes" if task.is_classification else "No"
         prompt += f"Task: {_one_line(task.instruction)}\nIs it classification? {answer}\n\n"
@@ -153,29 +177,26 @@ def parse_classification_response(text: str) -> bool | None:
 
 
 # -- Self-Instruct stage 3: instances ----------------------------------------------------------
-def encode_instance_prompt(examples: list[SeedTask], instruction: str, classification: bool) -> str:
-    """Output-first for classification (labels before inputs, to avoid label imbalance),
-    input-first for everything else, as in the paper."""
-    if classification:
-        prompt = ("Given the classification task definition and the class labels, generate an "
-                  "input that corresponds to each of the class labels. If the task doesn't "
-                  "require input, just generate possible class labels.\n\n")
-        for task in examples:
-            prompt += f"Task: {_one_line(task.instruction)}\nClass label: {task.output.strip()}\n"
-            if task.input.strip():
-                prompt += f"Input: {task.input.strip()}\n"
-            prompt += "\n"
+def _demonstration(task: DemoTask) -> str:
+    text = f"Task: {_one_line(task.instruction)}\n"
+    if task.is_classification:
+        for task_input, label in task.instances:
+            text += f"Class label: {label.strip()}\n" + (f"{task_input.strip()}\n" if task_input.strip() else "")
+    elif len(task.instances) == 1 and not task.instances[0][0].strip():
+        text += f"Output: {task.instances[0][1].strip()}\n"
     else:
-        prompt = ("Come up with examples for the following tasks. Try to generate multiple "
-                  "examples when possible. If the task doesn't require additional input, you "
-                  "can generate the output directly.\n\n")
-        for task in examples:
-            prompt += f"Task: {_one_line(task.instruction)}\n"
-            if task.input.strip():
-                prompt += f"Example 1\nInput: {task.input.strip()}\nOutput: {task.output.strip()}\n\n"
-            else:
-                prompt += f"Output: {task.output.strip()}\n\n"
-    return prompt + f"Task: {_one_line(instruction)}\n"
+        for k, (task_input, task_output) in enumerate(task.instances, start=1):
+            text += f"Example {k}\n" + (f"{task_input.strip()}\n" if task_input.strip() else "")
+            text += f"Output: {task_output.strip()}\n"
+    return text + "\n"
+
+
+def encode_instance_prompt(demos: list[DemoTask], instruction: str, classification: bool) -> str:
+    """Output-first for classification (labels before inputs, to avoid label imbalance),
+    input-first for everything else, as in the paper; each demonstration shows all its instances."""
+    header = INSTANCE_HEADER_CLASSIFICATION if classification else INSTANCE_HEADER_GENERATION
+    shown = [task for task in demos if task.is_classification == classification]
+    return header + "".join(_demonstration(task) for task in shown) + f"Task: {_one_line(instruction)}\n"
 
 
 def _input_output(text: str) -> tuple[str, str]:

@@ -19,9 +19,13 @@ from typing import Any
 
 from data_gen.rouge import rouge_tokenize
 
-__all__ = ["Report", "write_json_atomic"]
+__all__ = ["Report", "write_json_atomic", "STOPS"]
 
 _BINS = 10
+
+# Why a run ended. Only "target" means the requested number of instructions was reached; the
+# CLI turns each into its own exit code (data_gen/cli.py).
+STOPS = ("target", "budget", "no_progress", "max_rounds")
 
 
 @dataclass
@@ -31,14 +35,20 @@ class Report:
     candidates: int = 0
     dropped: Counter = field(default_factory=Counter)
     unparseable_pieces: int = 0
+    unusable_answers: int = 0     # well-formed replies from which no task or answer could be parsed
     similarity_histogram: list[int] = field(default_factory=lambda: [0] * _BINS)
     # rouge-score's tokenizer sees only [a-z0-9]: how much of the text it could compare.
     texts_seen: int = 0
     texts_without_ascii_tokens: int = 0
     letters_seen: int = 0
     letters_ignored: int = 0
+    stop: str = "target"
     stop_reason: str = "target reached"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def finish(self, stop: str, reason: str) -> None:
+        assert stop in STOPS, stop
+        self.stop, self.stop_reason = stop, reason
 
     def drop(self, reason: str, count: int = 1) -> None:
         if count:
@@ -61,11 +71,13 @@ class Report:
         edges = [round(i / _BINS, 1) for i in range(_BINS + 1)]
         return {
             "pipeline": self.pipeline,
+            "stop": self.stop,
             "stop_reason": self.stop_reason,
             "kept": self.kept,
             "candidates": self.candidates,
             "dropped": dict(sorted(self.dropped.items())),
             "unparseable_pieces": self.unparseable_pieces,
+            "unusable_answers": self.unusable_answers,
             "tokens": budget,
             "similarity_histogram": {"edges": edges, "counts": self.similarity_histogram},
             "ascii_tokenizer": {

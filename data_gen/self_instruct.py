@@ -8,11 +8,16 @@
    for the rest, up to `max_instances_per_task` each.
 4. Filter instances (empty, echoing, cut-off, conflicting) and write Alpaca-format examples.
 
+Each round takes its new instructions through all four stages before the next round starts,
+so a run stopped early (budget, dead teacher) writes every task whose stages are complete.
+Each stage samples with its own `sampling.*` block (Self-Instruct's settings by default).
+
 Every request's content is a deterministic function of (seed, stage, position, pool so far),
 and replies are consumed in request order after each batch, so a resumed run sends the same
 requests, and the journal answers those already paid for.
 
-Not here: prompt text and parsing (prompts.py), filters and dedup (gate.py, filters.py).
+Not here: prompt text and parsing (prompts.py), filters and dedup (gate.py, filters.py),
+sending a batch and the rules that stop a run early (rounds.py).
 """
 
 from __future__ import annotations
@@ -23,21 +28,26 @@ from typing import Any, Callable
 from data_gen.config import GenerateConfig
 from data_gen.filters import conflicting_instances, instance_drop_reason
 from data_gen.gate import InstructionGate
-from data_gen.prompts import (SeedTask, encode_bootstrap_prompt, encode_classification_prompt,
-                              encode_instance_prompt, parse_bootstrap_response,
-                              parse_classification_response, parse_instances)
+from data_gen.prompts import (DemoTask, Parsed, SeedTask, encode_bootstrap_prompt,
+                              encode_classification_prompt, encode_instance_prompt,
+                              parse_bootstrap_response, parse_classification_response,
+                              parse_instances)
 from data_gen.report import Report
-from data_gen.teacher import Request, Teacher
+from data_gen.rounds import Answer, Rounds, RunStopped
+from data_gen.seeds import load_instance_demos
+from data_gen.teacher import Request, Response, Teacher
 
 __all__ = ["run_self_instruct", "bootstrap_requests"]
 
-_FEW_SHOT = 6  # demonstrations per label in the stage 2 and stage 3 prompts
+_FEW_SHOT = 6  # demonstrations per label in the stage 2 prompt
 
 
 def bootstrap_requests(config: GenerateConfig, seeds: list[SeedTask], machine: list[str],
                        round_index: int) -> list[Request]:
     pipeline = config.pipeline
     human = [s.instruction for s in seeds if s.is_classification or not pipeline.classification_only_seeds]
+    sampling = config.sampling.instructions.params()
+    n = pipeline.tasks_per_request
     requests = []
     for i in range(pipeline.requests_per_round):
         rng = random.Random(f"{pipeline.seed}/self-instruct/{round_index}/{i}")
@@ -45,136 +55,162 @@ def bootstrap_requests(config: GenerateConfig, seeds: list[SeedTask], machine: l
         chosen += rng.sample(human, min(pipeline.num_prompt_instructions - len(chosen), len(human)))
         rng.shuffle(chosen)
         prompt = encode_bootstrap_prompt(chosen, pipeline.classification_only_seeds)
-        n = pipeline.tasks_per_request
-        requests.append(Request(key=f"self-instruct/bootstrap/{round_index}/{i}", prompt=prompt,
-                                params=(("stop", ["\n\n", f"\n{n}", f"{n}.", f"{n} ."]),)))
+        requests.append(Request.build(f"self-instruct/bootstrap/{round_index}/{i}", prompt, sampling,
+                                      ["\n\n", f"\n{n}", f"{n}.", f"{n} ."]))
     return requests
 
 
-def _few_shot(seeds: list[SeedTask], classification: bool | None, seed: int, label: str) -> list[SeedTask]:
-    pool = [s for s in seeds if classification is None or s.is_classification == classification]
+def _few_shot(seeds: list[SeedTask], classification: bool, seed: int, label: str) -> list[SeedTask]:
+    pool = [s for s in seeds if s.is_classification == classification]
     return random.Random(f"{seed}/{label}").sample(pool, min(_FEW_SHOT, len(pool)))
 
 
-def identify_classification(config: GenerateConfig, seeds: list[SeedTask], teacher: Teacher,
-                            instructions: list[str], report: Report, tick) -> list[bool]:
-    """Stage 2: one short, greedy request per instruction; unclear answers count as 'no'."""
-    seed = config.pipeline.seed
+def classification_examples(seeds: list[SeedTask], seed: int) -> list[SeedTask]:
     examples = _few_shot(seeds, True, seed, "clf-yes") + _few_shot(seeds, False, seed, "clf-no")
     random.Random(f"{seed}/clf-order").shuffle(examples)
-    requests = [Request(key=f"self-instruct/classify/{i}",
-                        prompt=encode_classification_prompt(examples, text),
-                        params=(("temperature", 0.0), ("top_p", 1.0), ("max_tokens", 3),
-                                ("stop", ["\n", "Task"])))
-                for i, text in enumerate(instructions)]
-    responses = teacher.complete(requests, on_done=tick)
-    labels = []
-    for request in requests:
-        response = responses.get(request.key)
-        answer = None if response is None or response.garbage else parse_classification_response(response.text)
-        if answer is None and response is not None:
-            report.extra["classification_unclear"] = report.extra.get("classification_unclear", 0) + 1
-        labels.append(bool(answer))
-    return labels
+    return examples
 
 
-def generate_instances(config: GenerateConfig, seeds: list[SeedTask], teacher: Teacher,
-                       instructions: list[str], labels: list[bool], report: Report,
-                       tick) -> list[list[tuple[str, str]]]:
-    """Stage 3 + the instance half of stage 4: valid (input, output) pairs per instruction."""
-    pipeline, filters = config.pipeline, config.filters
-    shots = {True: _few_shot(seeds, True, pipeline.seed, "inst-clf"),
-             False: _few_shot(seeds, False, pipeline.seed, "inst-gen")}
-    stop = [f"Example {pipeline.max_instances_per_task + 1}", "Task:"]
-    requests = [Request(key=f"self-instruct/instances/{i}",
-                        prompt=encode_instance_prompt(shots[label], text, label),
-                        params=(("temperature", 0.0), ("top_p", 1.0), ("max_tokens", 350),
-                                ("stop", stop)))
-                for i, (text, label) in enumerate(zip(instructions, labels))]
-    responses = teacher.complete(requests, on_done=tick)
-    result = []
-    for request, label in zip(requests, labels):
-        response = responses.get(request.key)
-        if response is None:
-            result.append([])
-            continue
-        if response.garbage:
-            report.drop("unparseable_response")
-            result.append([])
-            continue
-        parsed = parse_instances(response.text, label, response.finish_reason, filters.drop_truncated)
-        report.unparseable_pieces += parsed.unparseable
-        report.drop("truncated", parsed.truncated)
-        kept: list[tuple[str, str]] = []
-        for task_input, task_output in parsed.items:
-            reason = instance_drop_reason(task_input, task_output, filters)
-            if reason is not None:
-                report.drop(f"instance_{reason}")
-            elif (task_input, task_output) in kept:
-                report.drop("instance_duplicate")
-            else:
-                kept.append((task_input, task_output))
-        if conflicting_instances(kept):
-            report.drop("instance_conflicting", len(kept))
-            kept = []
-        result.append(kept[: pipeline.max_instances_per_task])
-    return result
+def classification_requests(config: GenerateConfig, examples: list[SeedTask], machine: list[str],
+                            first: int) -> list[Request]:
+    """Stage 2: one short, greedy request per instruction, keyed by its place in the pool."""
+    sampling = config.sampling.classification.params()
+    return [Request.build(f"self-instruct/classify/{i}", encode_classification_prompt(examples, machine[i]),
+                          sampling, ["\n", "Task"])
+            for i in range(first, len(machine))]
+
+
+def instance_requests(config: GenerateConfig, demos: list[DemoTask], machine: list[str],
+                      labels: dict[int, bool]) -> list[Request]:
+    """Stage 3 for the tasks whose stage 2 answer came back; classification prompts are
+    longer, so their replies get fewer tokens (as in the original)."""
+    block = config.sampling.instances
+    stop = [f"Example {config.pipeline.max_instances_per_task + 1}", "Task:"]
+    requests = []
+    for i, label in labels.items():
+        sampling = block.params()
+        if label:
+            sampling["max_tokens"] = block.classification_max_tokens
+        requests.append(Request.build(f"self-instruct/instances/{i}",
+                                      encode_instance_prompt(demos, machine[i], label), sampling, stop))
+    return requests
+
+
+def _valid_instances(parsed: Parsed, config: GenerateConfig, report: Report) -> list[tuple[str, str]]:
+    """Stage 4 for one task: drop bad, duplicate and conflicting instances, keep the first few."""
+    kept: list[tuple[str, str]] = []
+    for task_input, task_output in parsed.items:
+        reason = instance_drop_reason(task_input, task_output, config.filters)
+        if reason is not None:
+            report.drop(f"instance_{reason}")
+        elif (task_input, task_output) in kept:
+            report.drop("instance_duplicate")
+        else:
+            kept.append((task_input, task_output))
+    if conflicting_instances(kept):
+        report.drop("instance_conflicting", len(kept))
+        kept = []
+    return kept[: config.pipeline.max_instances_per_task]
 
 
 def run_self_instruct(config: GenerateConfig, seeds: list[SeedTask], teacher: Teacher,
                       report: Report, bar: Callable[[str, int], Any]) -> list[dict[str, str]]:
-    pipeline = config.pipeline
-    gate = InstructionGate(config.filters, config.dedup, report, (s.instruction for s in seeds))
+    pipeline, filters = config.pipeline, config.filters
+    gate = InstructionGate(filters, config.dedup, report, (s.instruction for s in seeds))
+    rounds = Rounds(teacher, report, pipeline.max_idle_rounds)
+    clf_examples = classification_examples(seeds, pipeline.seed)
+    demos = load_instance_demos(pipeline.instance_demos_path)
     machine: list[str] = []
-    stop_reason = f"max_rounds ({pipeline.max_rounds}) reached"
-    progress = bar("stage 1: instructions", pipeline.num_instructions)
-    for round_index in range(pipeline.max_rounds):
-        if len(machine) >= pipeline.num_instructions:
-            break
-        budget_stop = teacher.budget.exhausted()
-        if budget_stop:
-            stop_reason = budget_stop
-            break
-        requests = bootstrap_requests(config, seeds, machine, round_index)
-        responses = teacher.complete(requests)
-        for request in requests:
-            response = responses.get(request.key)
-            if response is None:
-                continue
-            if response.garbage:
-                report.drop("unparseable_response")
-                continue
-            parsed = parse_bootstrap_response(response.text, response.finish_reason,
-                                              config.filters.drop_truncated)
-            report.unparseable_pieces += parsed.unparseable
-            report.drop("truncated", parsed.truncated)
-            for instruction in parsed.items:
-                if len(machine) >= pipeline.num_instructions:
-                    break
-                if gate.admit(instruction):
-                    machine.append(instruction)
-                    progress.update(1)
-    progress.close()
-    if len(machine) >= pipeline.num_instructions:
-        stop_reason = "target reached"
+    labels: dict[int, bool] = {}       # stage 2 answers, by place in `machine`
+    complete = 0                       # tasks that went through every stage
+    examples: list[dict[str, str]] = []
 
-    progress = bar("stage 2: classify", len(machine))
-    labels = identify_classification(config, seeds, teacher, machine, report, lambda: progress.update(1))
-    progress.close()
-    progress = bar("stage 3: instances", len(machine))
-    instances = generate_instances(config, seeds, teacher, machine, labels, report,
-                                   lambda: progress.update(1))
-    progress.close()
+    def parse_bootstrap(request: Request, response: Response) -> Parsed:
+        parsed = parse_bootstrap_response(response.text, response.finish_reason, filters.drop_truncated)
+        report.unparseable_pieces += parsed.unparseable
+        report.drop("truncated", parsed.truncated)
+        return parsed
 
-    examples = []
-    for instruction, pairs in zip(machine, instances):
+    def parse_label(request: Request, response: Response) -> bool | None:
+        answer = parse_classification_response(response.text)
+        if answer is None:
+            report.extra["classification_unclear"] = report.extra.get("classification_unclear", 0) + 1
+        return answer
+
+    def parse_instance_reply(request: Request, response: Response) -> Parsed:
+        label = labels[_index(request)]
+        parsed = parse_instances(response.text, label, response.finish_reason, filters.drop_truncated)
+        report.unparseable_pieces += parsed.unparseable
+        report.drop("truncated", parsed.truncated)
+        return parsed
+
+    def has_items(parsed: Parsed) -> bool:
+        return bool(parsed.items)
+
+    def accept_instructions(answer: Answer) -> int:
+        kept = 0
+        for instruction in answer.parsed.items if answer.parsed else ():
+            if len(machine) >= pipeline.num_instructions:
+                break
+            if gate.admit(instruction):
+                machine.append(instruction)
+                kept += 1
+        return kept
+
+    def accept_label(answer: Answer) -> int:
+        # Garbage and unclear answers count as "no", the original's rule.
+        labels[_index(answer.request)] = bool(answer.parsed)
+        return answer.parsed is not None
+
+    def accept_instances(answer: Answer) -> int:
+        nonlocal complete
+        pairs = _valid_instances(answer.parsed, config, report) if answer.parsed else []
         if not pairs:
             report.drop("task_without_valid_instance")
-        for task_input, task_output in pairs:
-            examples.append({"instruction": instruction, "input": task_input, "output": task_output})
-    budget_stop = teacher.budget.exhausted()
-    report.stop_reason = budget_stop if budget_stop and stop_reason == "target reached" else stop_reason
+        instruction = machine[_index(answer.request)]
+        examples.extend({"instruction": instruction, "input": task_input, "output": task_output}
+                        for task_input, task_output in pairs)
+        complete += 1
+        progress.update(1)
+        return len(pairs)
+
+    progress = bar("tasks through all stages", pipeline.num_instructions)
+    report.finish("max_rounds", f"max_rounds ({pipeline.max_rounds}) reached before the target")
+    try:
+        for round_index in range(pipeline.max_rounds):
+            if len(machine) >= pipeline.num_instructions:
+                break
+            first = len(machine)
+            rounds.send("stage 1 (instructions)", bootstrap_requests(config, seeds, machine, round_index),
+                        parse_bootstrap, has_items, accept_instructions)
+            if len(machine) == first:
+                continue
+            # A stage 2 or 3 request that failed after its retries leaves its task incomplete
+            # (not written); a rerun asks again and finishes it.
+            rounds.send("stage 2 (classification)",
+                        classification_requests(config, clf_examples, machine, first),
+                        parse_label, lambda answer: answer is not None, accept_label)
+            new_labels = {i: labels[i] for i in range(first, len(machine)) if i in labels}
+            if new_labels:
+                    rounds.send("stage 3 (instances)", instance_requests(config, demos, machine, new_labels),
+                            parse_instance_reply, has_items, accept_instances)
+    except RunStopped as stopped:
+        report.finish(stopped.stop, stopped.reason)
+    progress.close()
+    if len(machine) >= pipeline.num_instructions:
+        if complete == len(machine):
+            report.finish("target", "target reached")
+        elif report.stop == "max_rounds":   # stage 2 or 3 requests failed after their retries
+            report.finish("no_progress", f"{len(machine) - complete} tasks lack a stage 2 or 3 answer "
+                          f"(requests failed after retries; last error: {teacher.last_error}); "
+                          "rerun the same command to finish them")
     report.kept = len(examples)
     report.extra["instructions"] = len(machine)
-    report.extra["classification_tasks"] = sum(labels)
+    report.extra["classification_tasks"] = sum(labels.values())
+    report.extra["incomplete_tasks"] = len(machine) - complete
     return examples
+
+
+def _index(request: Request) -> int:
+    """A stage 2 or 3 request's task: its place in the pool, the last part of its key."""
+    return int(request.key.rsplit("/", 1)[1])

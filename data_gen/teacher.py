@@ -3,13 +3,19 @@
 Any OpenAI-compatible server works (OpenAI, vLLM, llama.cpp, Ollama): `teacher.base_url`
 points the client at it and `teacher.api` picks chat-completions or legacy completions.
 `Teacher.complete(requests)` sends a batch with at most `max_concurrency` requests in flight
-and returns the responses by request id. It never raises for one bad request:
+and returns the responses by request key. Each request carries its own sampling parameters
+(the pipelines take them from the stage's `sampling.*` block). It never raises for one bad
+request:
 
 - 429 / 5xx / 408 / timeouts / connection errors are retried with exponential backoff and
   jitter, honouring `Retry-After` (the client's own retries are off so this is the only loop);
 - a response that is not an OpenAI response ("garbage") is recorded as such and skipped;
 - a request that still fails after all retries is skipped and *not* journaled (it was not
-  paid for), so a rerun tries it again.
+  paid for), so a rerun tries it again;
+- a request the budget no longer allows is not sent (its key is absent from the answer).
+
+The last failure is kept as one line (`last_error`) so a run that gives up on a dead or broken
+teacher can say why.
 
 Authentication / permission / unknown-model errors cannot get better by retrying and stop the
 run (`TeacherFatalError`). Every completed response is fsync'ed to the journal before it is
@@ -51,14 +57,12 @@ class TeacherFatalError(RuntimeError):
 class Request:
     key: str                      # deterministic name in the pipeline, e.g. "alpaca/r3/2"
     prompt: str
-    params: tuple = ()            # sampling overrides for this stage: ((name, value), ...)
+    params: tuple = ()            # sampling and stop parameters sent as is: ((name, value), ...)
 
-    def sampling(self, config: TeacherConfig) -> dict[str, Any]:
-        base = {"temperature": config.temperature, "top_p": config.top_p,
-                "max_tokens": config.max_tokens, "presence_penalty": config.presence_penalty,
-                "frequency_penalty": config.frequency_penalty}
-        base.update(dict(self.params))
-        return base
+    @staticmethod
+    def build(key: str, prompt: str, sampling: dict[str, Any], stop: list[str]) -> "Request":
+        params = {**sampling, "stop": list(stop)}
+        return Request(key=key, prompt=prompt, params=tuple(sorted(params.items())))
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ class TeacherStats:
 def request_id(request: Request, config: TeacherConfig) -> str:
     """Content address of a request: same pipeline position, prompt and sampling -> same id."""
     payload = {"key": request.key, "prompt": request.prompt, "model": config.model,
-               "api": config.api, "sampling": request.sampling(config)}
+               "api": config.api, "sampling": dict(request.params)}
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:32]
 
@@ -104,6 +108,8 @@ class Teacher:
         self.journal = journal
         self.budget = budget
         self.stats = TeacherStats()
+        self.last_error: str | None = None
+        self._answered = False  # has any HTTP call of this run reached the teacher?
         self._stats_lock = threading.Lock()
         self._jitter = random.Random()  # jitter must differ between clients, so no fixed seed
         if client is None:
@@ -116,10 +122,15 @@ class Teacher:
                                    timeout=config.timeout_s, max_retries=0)
         self.client = client
 
+    @property
+    def endpoint(self) -> str:
+        return str(self.client.base_url).rstrip("/")
+
     # -- batch API ------------------------------------------------------------------------
     def complete(self, requests: list[Request],
                  on_done: Callable[[], None] | None = None) -> dict[str, Response | None]:
-        """Responses by request key (None: failed or skipped for budget), in any order."""
+        """Responses by request key, in any order. None: failed after retries (not journaled,
+        a rerun asks again); key absent: not sent because the budget ran out."""
         results: dict[str, Response | None] = {}
         pending = []
         for request in requests:
@@ -139,12 +150,18 @@ class Teacher:
                 if fatal:
                     results[request.key] = None
                     return
-                if self.budget.exhausted():
+                if not self.budget.reserve():
                     with self._stats_lock:
                         self.stats.skipped_for_budget += 1
-                    results[request.key] = None
                     return
-                results[request.key] = self._complete_one(request)
+                try:
+                    response = self._complete_one(request)
+                except BaseException:
+                    self.budget.release()
+                    raise
+                if response is None:
+                    self.budget.release()
+                results[request.key] = response
             except TeacherFatalError as e:
                 fatal.append(e)
                 results[request.key] = None
@@ -181,9 +198,11 @@ class Teacher:
                 kind = _classify(e)
                 with self._stats_lock:
                     self.stats.count_error(type(e).__name__)
+                    prefix = "garbage response, " if kind == "garbage" else ""
+                    self.last_error = f"{prefix}{type(e).__name__}: {_one_line(e)}"
                 if kind == "garbage":
                     return self._record(rid, request, None)
-                if kind == "retry" and attempt < self.config.max_retries:
+                if kind == "retry" and attempt < self._retries_for(e):
                     with self._stats_lock:
                         self.stats.retries += 1
                     time.sleep(self._delay(e, attempt))
@@ -192,11 +211,25 @@ class Teacher:
                 with self._stats_lock:
                     self.stats.failed += 1
                 return None
+            self._answered = True
+            if raw is None:
+                with self._stats_lock:
+                    self.last_error = "garbage response: a 200 answer holding no completion text"
             return self._record(rid, request, raw)
+
+    def _retries_for(self, error: Exception) -> int:
+        """Retries allowed for this failure: few for an endpoint that was never reached."""
+        if isinstance(error, openai.APIStatusError):
+            self._answered = True  # an HTTP status is an answer: the server is there
+        unreachable = (isinstance(error, openai.APIConnectionError)
+                       and not isinstance(error, openai.APITimeoutError))
+        if unreachable and not self._answered:
+            return min(self.config.max_connect_retries, self.config.max_retries)
+        return self.config.max_retries
 
     def _call(self, request: Request, rid: str) -> tuple[str, str | None, int, int] | None:
         """One HTTP call; the (text, finish_reason, usage) of a well-formed response, or None."""
-        sampling = request.sampling(self.config)
+        sampling = dict(request.params)
         # The id travels as a header so servers (and our tests) can see which logical request
         # an HTTP call belongs to; OpenAI ignores unknown headers.
         headers = {"X-Alpaca-Jax-Request": rid}
@@ -216,14 +249,15 @@ class Teacher:
             text, finish, prompt_tokens, completion_tokens = raw
         self.journal.append({"id": rid, "key": request.key, "text": text, "finish_reason": finish,
                              "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
-        self.budget.record(prompt_tokens, completion_tokens)
+        self.budget.record(prompt_tokens, completion_tokens, reserved=True)
         with self._stats_lock:
             self.stats.completed += 1
             self.stats.garbage += text is None
         return Response(text, finish, prompt_tokens, completion_tokens)
 
     def _delay(self, error: Exception, attempt: int) -> float:
-        retry_after = _retry_after_seconds(error)
+        response = getattr(error, "response", None)
+        retry_after = _retry_after_seconds(getattr(response, "headers", None))
         if retry_after is not None:
             return min(retry_after, self.config.backoff_max_s * 10)
         base = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** attempt)
@@ -259,9 +293,8 @@ def _classify(error: Exception) -> str:
     return "fail"
 
 
-def _retry_after_seconds(error: Exception) -> float | None:
-    response = getattr(error, "response", None)
-    headers = getattr(response, "headers", None)
+def _retry_after_seconds(headers: Any) -> float | None:
+    """Seconds the server asks us to wait, from a case-insensitive header mapping (or None)."""
     if headers is None:
         return None
     value = headers.get("retry-after-ms")

@@ -14,5 +14,6 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is absent (public reference data lives beside the checkout)")
+        pytest.skip("../shared/data is absent: this test reads a public reference file kept "
+                    "there (original seeds, demo files, ShareGPT), beside the checkout")
     return SHARED_DATA

@@ -10,6 +10,7 @@ parameter shardings as JSON.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,11 @@ from alpaca_jax.config import load_config
 from alpaca_jax.model import logical_axes
 from alpaca_jax.train import read_metrics, train
 
-COMMON = ["train.max_steps=3", "train.log_every=1", "train.batch_size=8", "data.max_len=128",
+# Four optimizer steps with the full learning rate from the first one (no warmup), so every
+# mesh is compared after real updates, not only at the initial parameters.
+STEPS = 4
+COMMON = [f"train.max_steps={STEPS}", "train.log_every=1", "train.batch_size=8", "data.max_len=128",
+          "optimizer.warmup_steps=0", "optimizer.learning_rate=3e-3",
           "train.progress_bar=false", "run.tensorboard=false", "model.num_layers=2"]
 MESHES = {"1": (1, 1, 1), "8x1x1": (8, 1, 1), "1x8x1": (1, 8, 1), "2x2x2": (2, 2, 2), "1x4x2": (1, 4, 2)}
 
@@ -60,14 +65,34 @@ def meshes(out: Path, root: Path) -> None:
         cfg, result = _run(overrides, devices)
         results[name] = {"losses": [m["loss"] for m in read_metrics(result.run_dir)],
                          "grad_norms": [m["grad_norm"] for m in read_metrics(result.run_dir)],
+                         "learning_rates": [m["learning_rate"] for m in read_metrics(result.run_dir)],
                          "params": _sharding_report(cfg, result.state)}
     out.write_text(json.dumps(results))
 
 
+def _record_writes(under: Path) -> list[str]:
+    """Names of files under `under` that this process opens for writing from Python (an audit
+    hook sees every `open`), to check which process writes the run's logs."""
+    written: list[str] = []
+    root = str(under.resolve())
+
+    def hook(event, args):
+        if event == "open" and isinstance(args[0], str) and args[0].startswith(root):
+            mode, flags = args[1], args[2]
+            if (mode and any(c in mode for c in "wax+")) or (flags & (os.O_WRONLY | os.O_RDWR)):
+                written.append(os.path.relpath(args[0], root))
+
+    sys.addaudithook(hook)
+    return written
+
+
 def process(out: Path, run_dir: Path, extra: list[str]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    written = _record_writes(run_dir)
     cfg, result = _run([f"run.dir={run_dir}", *extra])
     out.write_text(json.dumps({"process": jax.process_index(), "count": jax.process_count(),
-                               "devices": jax.device_count(), "last_loss": result.last_loss}))
+                               "devices": jax.device_count(), "last_loss": result.last_loss,
+                               "written": sorted(set(written))}))
 
 
 if __name__ == "__main__":

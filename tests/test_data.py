@@ -26,7 +26,9 @@ def test_alpaca_templates_are_the_released_ones():
     assert alpaca_prompt("Say hi.", "") == (
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:")
-    assert alpaca_prompt("Say hi.", "   ") == alpaca_prompt("Say hi.")
+    # The original tests `input != ""`: a whitespace-only input still takes the with-input template.
+    assert alpaca_prompt("Say hi.", "   ") == alpaca_prompt("Say hi.", "x").replace("\nx\n", "\n   \n")
+    assert alpaca_prompt("Say hi.", "   ") != alpaca_prompt("Say hi.")
 
 
 def test_json_array_and_jsonl_load_the_same_rows(tmp_path):
@@ -195,13 +197,20 @@ def test_reference_alpaca_files_load_and_tokenize_completely(shared_data, name, 
         assert any("\u4e00" <= ch <= "\u9fff" for ch in ds[0]["output"] + ds[0]["instruction"])
 
 
-def test_truncation_is_counted(shared_data):
-    ds = load_instruction_dataset([str(shared_data / "alpaca_en_demo.json")])
+def test_truncation_is_counted():
+    """On the bundled seed pool (any clone): every example longer than max_len is cut to it and
+    counted, and the rest keep their full length."""
+    ds = load_instruction_dataset(["builtin:seed_tasks"])
     tokenizer = _bpe(_texts(ds))
-    kept, stats = tokenize_dataset(ds, tokenizer, max_len=128)
-    lengths = [len(x) for x in kept["input_ids"]]
-    assert max(lengths) == 128 and stats.truncated > 0
-    assert stats.kept + stats.dropped == stats.examples == 999
+    full, full_stats = tokenize_dataset(ds, tokenizer, max_len=100_000)
+    assert full_stats.truncated == 0 and full_stats.kept == len(ds)
+    full_lengths = [len(x) for x in full["input_ids"]]
+    max_len = 96
+    kept, stats = tokenize_dataset(ds, tokenizer, max_len=max_len)
+    assert stats.truncated == sum(n > max_len for n in full_lengths) > 0
+    assert stats.kept + stats.dropped == stats.examples == len(ds)
+    assert max(len(x) for x in kept["input_ids"]) == max_len
+    assert stats.tokens == sum(len(x) for x in kept["input_ids"]) < sum(full_lengths)
 
 
 def test_seed_tasks_convert_to_alpaca_rows(shared_data):

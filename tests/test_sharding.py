@@ -20,6 +20,7 @@ from alpaca_jax.plan import parse_bytes, plan_memory
 from conftest import REPO
 
 WORKER = REPO / "tests" / "mesh_worker.py"
+from mesh_worker import STEPS  # optimizer steps each mesh run takes
 
 
 def _env(devices: int, **extra) -> dict[str, str]:
@@ -41,7 +42,9 @@ def mesh_runs(tmp_path_factory):
 
 def test_meshes_give_the_one_device_losses(mesh_runs):
     reference = mesh_runs["1"]
-    assert len(reference["losses"]) == 3
+    assert len(reference["losses"]) == STEPS
+    assert all(lr > 0 for lr in reference["learning_rates"])  # every step really updates
+    assert len(set(reference["losses"])) == STEPS  # ... and the loss moves with the updates
     for name in ("8x1x1", "1x8x1", "2x2x2", "1x4x2"):
         np.testing.assert_allclose(mesh_runs[name]["losses"], reference["losses"], rtol=2e-6, err_msg=name)
         np.testing.assert_allclose(mesh_runs[name]["grad_norms"], reference["grad_norms"], rtol=1e-5, err_msg=name)
@@ -80,8 +83,14 @@ def test_two_processes_match_one(tmp_path):
     assert [r["process"] for r in reports] == [0, 1] and all(r["devices"] == 4 for r in reports)
     from alpaca_jax.train import read_metrics
     one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "multi")
+    assert [m["step"] for m in two] == list(range(1, STEPS + 1))
+    assert all(m["learning_rate"] > 0 for m in one)
     np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=2e-6)
-    assert not (tmp_path / "multi" / "metrics.jsonl.1").exists()  # only process 0 writes logs
+    np.testing.assert_allclose([m["grad_norm"] for m in two], [m["grad_norm"] for m in one], rtol=1e-5)
+    # Only process 0 writes the run's logs and config (process 1 writes checkpoint shards only).
+    logs = {"metrics.jsonl", "config.yaml", "summary.json"}
+    assert logs <= set(reports[0]["written"]), reports[0]["written"]
+    assert not logs & set(reports[1]["written"]), reports[1]["written"]
 
 
 def test_mesh_that_does_not_divide_the_devices_names_both():

@@ -1,6 +1,7 @@
 """The training batch stream: deterministic shuffling, packing, and an exactly resumable position.
 
-Epoch e visits the examples in `permutation(seed, e)`; rows are planned from that order (see
+Epoch e visits the examples in `permutation(seed, e)` (or a data mixture's draw for epoch e,
+`mixture.MixtureOrder`, which may repeat or leave out examples); rows are planned from that order (see
 `packing.plan_rows`) and cut into global batches of `batch_size` rows; a short final batch is
 filled with empty rows (zero loss weight), so no example is ever dropped. The iterator's whole
 state is `{"epoch", "index"}`: plans are a pure function of (lengths, seed, epoch), so
@@ -13,7 +14,7 @@ batch (`shard_index` of `shard_count`).
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -23,7 +24,8 @@ from alpaca_jax.data.packing import pack_rows, plan_rows
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
     def __init__(self, input_ids, loss_mask, *, batch_size: int, seq_len: int, seed: int,
                  num_epochs: int, pad_id: int, packing: bool = True, pack_window: int = 64,
-                 shard_index: int = 0, shard_count: int = 1):
+                 shard_index: int = 0, shard_count: int = 1,
+                 epoch_order: Callable[[int], np.ndarray] | None = None):
         if batch_size % shard_count:
             raise ValueError(f"batch_size {batch_size} is not divisible by {shard_count} processes")
         self.input_ids, self.loss_mask = input_ids, loss_mask
@@ -32,13 +34,17 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         self.num_epochs, self.pad_id = num_epochs, pad_id
         self.packing, self.pack_window = packing, pack_window
         self.shard_index, self.shard_count = shard_index, shard_count
+        self.epoch_order = epoch_order  # a data mixture's draw (mixture.MixtureOrder); else a shuffle
         self._plans: dict[int, list[list[int]]] = {}
         self.epoch, self.index = 0, 0
 
     # -- planning ---------------------------------------------------------------------------
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         if epoch not in self._plans:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+            if self.epoch_order is not None:
+                order = self.epoch_order(epoch)
+            else:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
             self._plans[epoch] = plan_rows(self.lengths, order, self.seq_len, self.packing,
                                            self.pack_window)
         return self._plans[epoch]
@@ -51,7 +57,9 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 
     def packing_efficiency(self, epoch: int = 0) -> float:
         """Fraction of row positions holding real tokens."""
-        return float(self.lengths.sum() / (len(self.epoch_rows(epoch)) * self.seq_len))
+        rows = self.epoch_rows(epoch)
+        real = sum(int(self.lengths[i]) for row in rows for i in row)
+        return real / (len(rows) * self.seq_len)
 
     # -- iteration and exact resume ---------------------------------------------------------
     def state(self) -> dict[str, int]:

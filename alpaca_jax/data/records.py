@@ -39,7 +39,7 @@ def resolve_data_path(name: str) -> Path:
     return path
 
 
-def _json_objects(path: Path) -> Iterator[tuple[int, object]]:
+def json_rows(path: Path) -> Iterator[tuple[int, object]]:
     """Yield (line number, value) for each top-level row of a JSON array or JSONL file."""
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
@@ -80,8 +80,9 @@ def _require_str(row: dict, key: str, where: str, optional: bool = False) -> str
     return value
 
 
-def _alpaca_rows(line: int, row: object, path: Path, fmt: str, require_output: bool = True) -> list[dict[str, str]]:
-    where = f"{path}:{line}"
+def alpaca_rows(where: str, row: object, fmt: str, require_output: bool = True) -> list[dict[str, str]]:
+    """One Alpaca or seed-task row -> Alpaca rows; `where` ("file:line") names it in errors.
+    `require_output=False` accepts rows without an output (prompts to answer); theirs is ""."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: each row must be a JSON object, got {type(row).__name__}")
     is_seed = "instances" in row if fmt == "auto" else fmt == "seed_tasks"
@@ -107,8 +108,8 @@ def read_records(path: str | Path, fmt: str = "auto", require_output: bool = Tru
     `require_output=False` accepts rows without an output (prompts to answer); theirs is ""."""
     path = Path(path)
     rows: list[dict[str, str]] = []
-    for line, value in _json_objects(path):
-        rows.extend(_alpaca_rows(line, value, path, fmt, require_output))
+    for line, value in json_rows(path):
+        rows.extend(alpaca_rows(f"{path}:{line}", value, fmt, require_output))
     if not rows:
         raise DataError(f"{path}: no records")
     return rows

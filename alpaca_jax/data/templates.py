@@ -19,7 +19,8 @@ PROMPT_NO_INPUT = (
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - the Alpaca field name
-    """The prompt for one example; an empty or whitespace-only input uses the no-input template."""
-    if input and input.strip():
+    """The prompt for one example. As the original (`example.get("input", "") != ""`), any
+    non-empty input, even whitespace only, takes the with-input template."""
+    if input != "":
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)

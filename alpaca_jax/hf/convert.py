@@ -32,6 +32,7 @@ from alpaca_jax.hf.keymap import (IGNORED_HF_SUFFIXES, LM_HEAD, Placement, from_
                                   hf_shape, leaf_paths, placements, to_hf)
 from alpaca_jax.hf.tensor_files import (INDEX_FILE, SafetensorsReader, SAFETENSORS_DTYPES,
                                         TensorEntry, write_sharded)
+from alpaca_jax.hf.tokenizer_export import export_tokenizer
 from alpaca_jax.model.params import param_shapes
 
 log = logging.getLogger("alpaca_jax")
@@ -71,14 +72,13 @@ def export_hf(source: str | Path, out_dir: str | Path, *, dtype: str | None = No
     tokenizer_dir = _tokenizer_source(saved.run_dir, saved.config)
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer_dir is not None:
-        _copy_tokenizer(tokenizer_dir, out_dir)
-        ids = _special_ids(out_dir)
+        ids = export_tokenizer(tokenizer_dir, out_dir, TOKENIZER_FILES, saved.config)
     else:
         log.warning("export: no tokenizer found (no %s/tokenizer, no tokenizer.path); "
                     "the export has weights only", saved.run_dir)
     hf_config = hf_config_from_model(cfg, dtype, **ids)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    generation = {k: v for k, v in ids.items() if v is not None}
+    generation = generation_config(cfg, ids)
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     log.info("exported %s%s to %s (%d safetensors file%s, %s)", saved.run_dir,
              f" (step {saved.step})" if saved.step is not None else "", out_dir, len(files),
@@ -125,18 +125,21 @@ def _tokenizer_source(run_dir: Path, config: Config) -> Path | None:
     return None
 
 
+def generation_config(cfg: ModelConfig, ids: dict[str, int | None]) -> dict:
+    """generation_config.json: stop at EOS, where every training example ended, and never past
+    the context the model was trained for. Greedy, as `generate` defaults to; a server's request
+    parameters (temperature, max_tokens) override these."""
+    special = {k: v for k, v in ids.items() if v is not None}
+    if "eos_token_id" in special and "pad_token_id" not in special:
+        special["pad_token_id"] = special["eos_token_id"]  # as training pads (data/tokenizer.py)
+    return {**special, "do_sample": False, "max_length": cfg.max_position_embeddings}
+
+
 def _copy_tokenizer(source: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if (source / name).is_file() and (source / name).resolve() != (out_dir / name).resolve():
             shutil.copyfile(source / name, out_dir / name)
-
-
-def _special_ids(tokenizer_dir: Path) -> dict[str, int | None]:
-    from alpaca_jax.data.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(tokenizer_dir)
-    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
 
 
 # -- import ---------------------------------------------------------------------------------

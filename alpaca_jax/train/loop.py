@@ -21,8 +21,8 @@ from jax.experimental import multihost_utils
 from alpaca_jax import distributed, sharding
 from alpaca_jax.checkpoint import Checkpointer, abstract_like, truncate_metrics
 from alpaca_jax.config import Config, save_config
-from alpaca_jax.data import (BatchIterator, alpaca_prompt, get_tokenizer, load_instruction_dataset, special_ids,
-                             tokenize_dataset)
+from alpaca_jax.data import (BatchIterator, chat_template, corpus_texts, get_tokenizer, load_sources, special_ids,
+                             tokenize_sources)
 from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
 from alpaca_jax.model import Llama, logical_axes
 from alpaca_jax.train.metrics import MetricsWriter
@@ -46,33 +46,30 @@ class TrainResult:
     state: object
 
 
-def _corpus_texts(ds):
-    """What the model will read, for training the run's BPE: prompts (template included, so
-    its fixed preamble merges into a few tokens) and responses, as they are tokenized."""
-    for row in ds:
-        yield alpaca_prompt(row["instruction"], row["input"])
-        yield row["output"]
-
-
 def build_batches(cfg: Config, run_dir: Path):
-    """Load, tokenize and set up the batch stream; returns (iterator, tokenizer, stats)."""
-    ds = load_instruction_dataset(cfg.data.train_files, cfg.data.format)
+    """Load, tokenize and set up the batch stream; returns (iterator, tokenizer, stats, sources)."""
+    sources = load_sources(cfg.data)
+    # The run's BPE is trained on the text as the model will read it (templates included, so
+    # their fixed preambles merge into a few tokens).
+    corpus = lambda: corpus_texts(sources, cfg.data.template)  # noqa: E731
+    if cfg.data.template == "tokenizer" and cfg.tokenizer.path is None:
+        raise TrainingError("data.template=tokenizer needs tokenizer.path: a local HF tokenizer with a chat_template")
     if jax.process_count() > 1 and cfg.tokenizer.path is None:
         # One process trains and saves the run's BPE; the others load that very file.
         if jax.process_index() == 0:
-            get_tokenizer(cfg.tokenizer, cfg.model.vocab_size, run_dir, _corpus_texts(ds))
+            get_tokenizer(cfg.tokenizer, cfg.model.vocab_size, run_dir, corpus())
         multihost_utils.sync_global_devices("alpaca_jax:tokenizer")
-    tokenizer = get_tokenizer(cfg.tokenizer, cfg.model.vocab_size, run_dir, _corpus_texts(ds))
-    kept, stats = tokenize_dataset(ds, tokenizer, cfg.data.max_len, cfg.tokenizer.add_bos)
-    if stats.kept == 0:
-        raise TrainingError(f"no example has a response token within data.max_len={cfg.data.max_len}")
+    tokenizer = get_tokenizer(cfg.tokenizer, cfg.model.vocab_size, run_dir, corpus())
+    input_ids, loss_mask, order, stats, per_source = tokenize_sources(
+        sources, tokenizer, chat_template(cfg.data.template, tokenizer), cfg.data, cfg.train.seed,
+        cfg.tokenizer.add_bos)
     iterator = BatchIterator(
-        list(kept["input_ids"]), list(kept["loss_mask"]), batch_size=cfg.train.batch_size,
+        input_ids, loss_mask, batch_size=cfg.train.batch_size,
         seq_len=cfg.data.max_len, seed=cfg.train.seed, num_epochs=cfg.train.num_epochs,
         pad_id=special_ids(tokenizer).pad, packing=cfg.data.packing,
         pack_window=cfg.data.pack_window, shard_index=jax.process_index(),
-        shard_count=jax.process_count())
-    return iterator, tokenizer, stats
+        shard_count=jax.process_count(), epoch_order=order)
+    return iterator, tokenizer, stats, per_source
 
 
 def _to_global(batch: dict[str, np.ndarray], accum: int, global_batch: int, batch_sh):
@@ -132,13 +129,13 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
 
-    iterator, tokenizer, stats = build_batches(cfg, run_dir)
+    iterator, tokenizer, stats, per_source = build_batches(cfg, run_dir)
     total_steps = iterator.total_steps()
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    log.info("data: %d examples, %d kept, %d truncated to %d tokens, %d dropped (prompt too long); "
-             "%d tokens, %d in the loss; packing efficiency %.1f%%; %d steps",
-             stats.examples, stats.kept, stats.truncated, cfg.data.max_len, stats.dropped,
+    log.info("data: %d examples, %d kept, %d truncated to %d tokens, %d split, %d dropped (prompt too "
+             "long); %d tokens, %d in the loss; packing efficiency %.1f%%; %d steps",
+             stats.examples, stats.kept, stats.truncated, cfg.data.max_len, stats.split, stats.dropped,
              stats.tokens, stats.loss_tokens, 100 * iterator.packing_efficiency(), total_steps)
 
     mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -163,7 +160,8 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
         donate_argnums=0)
 
     writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=is_main, append=resume_step is not None)
-    summary = {"tokenize": dataclasses.asdict(stats), "packing_efficiency": iterator.packing_efficiency(),
+    summary = {"tokenize": dataclasses.asdict(stats), "sources": per_source,
+               "packing_efficiency": iterator.packing_efficiency(),
                "total_steps": total_steps, "devices": len(mesh.devices.flat)}
     first_loss, last_loss = resumed.get("first_loss", math.nan), resumed.get("last_loss", math.nan)
     window: list[dict] = []

@@ -1,4 +1,8 @@
-"""Fixtures for data_gen tests: the shared reference data and the fake OpenAI server."""
+"""Fixtures for data_gen tests: the project's own seed pool and the fake OpenAI server.
+
+The generator tests run on data the project ships (data_gen/seed_tasks.jsonl), so they run in
+any clone; only tests about an external file use `shared_data` (tests/conftest.py), which skips
+with its reason when ../shared is absent."""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
 
 
 def _load(name: str):
@@ -23,15 +26,14 @@ fake_openai = _load("fake_openai")
 
 
 @pytest.fixture
-def shared_data() -> Path:
-    if not (SHARED / "data").is_dir():
-        pytest.skip("../shared/data is absent (public reference data lives beside the checkout)")
-    return SHARED / "data"
+def seed_file() -> Path:
+    return REPO / "data_gen" / "seed_tasks.jsonl"
 
 
 @pytest.fixture
-def seed_file(shared_data) -> Path:
-    return shared_data / "seed_tasks.jsonl"
+def dead_url() -> str:
+    """An OpenAI base_url on 127.0.0.1 where nothing listens."""
+    return fake_openai.closed_port_url()
 
 
 @pytest.fixture

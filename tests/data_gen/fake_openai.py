@@ -2,10 +2,13 @@
 
 Replies are a pure function of the prompt (so results do not depend on concurrency, order or
 restarts): Alpaca batches, Self-Instruct continuations, classification answers and instances,
-recognised from the prompt text. Faults are injected by a hash of (request id, attempt):
-429 with Retry-After, 500, a stall longer than the client timeout, a dropped connection, and
-content-deterministic garbage (a 200 whose body is not JSON). Every call is logged with the
-request id header the generator sends, so tests can check what was sent twice.
+recognised from the prompt text, cut at the request's stop sequences as a real server does.
+Faults are injected by a hash of (request id, attempt): 429 with Retry-After, 500, a stall
+longer than the client timeout, a dropped connection, and content-deterministic garbage of
+one of three kinds (`garbage_kind`): a 200 whose body is not JSON, JSON without `choices`, or
+a well-formed completion whose text holds no task. Every call is logged with the request id
+header the generator sends and the request body, so tests can check what was sent (twice).
+`closed_port_url()` gives an endpoint nobody listens on.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import json
 import random
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +30,22 @@ _WORDS = ("analyze summarize compare explain describe classify translate rewrite
           "quickly politely formally briefly carefully creative modern ancient urban rural "
           "french spanish healthy risky cheap expensive local global digital seasonal").split()
 _FAULT_KINDS = ("rate_limit", "server_error", "timeout", "disconnect")
+GARBAGE_KINDS = ("not_json", "no_choices", "no_task")
+
+
+def closed_port_url() -> str:
+    """A base_url on 127.0.0.1 where nothing listens (the port was bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def apply_stop(text: str, stop) -> tuple[str, bool]:
+    """Cut the text at the earliest stop sequence, as OpenAI-compatible servers do."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def _hash(*parts) -> int:
@@ -105,9 +125,9 @@ def scripted_reply(prompt: str) -> tuple[str, str]:
         return alpaca_reply(prompt)
     if prompt.rstrip().endswith("Is it classification?"):
         return classification_reply(prompt)
-    if prompt.startswith("Given the classification task definition"):
+    if prompt.startswith("Each task below is a classification task"):
         return instances_reply(prompt, True)
-    if prompt.startswith("Come up with examples"):
+    if prompt.startswith("Write examples for each task below"):
         return instances_reply(prompt, False)
     if prompt.startswith("Come up with a series of"):
         return bootstrap_reply(prompt)
@@ -118,9 +138,12 @@ class FakeOpenAI:
     """Start with `start()`; `url` is the base_url for the openai client."""
 
     def __init__(self, fault_rate: float = 0.0, garbage_rate: float = 0.0, stall_s: float = 1.0,
-                 latency_s: float = 0.0, kinds: tuple[str, ...] = _FAULT_KINDS):
+                 latency_s: float = 0.0, kinds: tuple[str, ...] = _FAULT_KINDS,
+                 garbage_kind: str = "not_json"):
+        assert garbage_kind in GARBAGE_KINDS, garbage_kind
         self.fault_rate = fault_rate
         self.garbage_rate = garbage_rate
+        self.garbage_kind = garbage_kind
         self.stall_s = stall_s
         self.latency_s = latency_s
         self.kinds = kinds
@@ -177,7 +200,8 @@ class FakeOpenAI:
                     attempt = fake._attempts.get(rid, 0)
                     fake._attempts[rid] = attempt + 1
                 fault = fake._fault(rid, attempt)
-                entry = {"rid": rid, "attempt": attempt, "outcome": fault or "ok", "time": time.time()}
+                entry = {"rid": rid, "attempt": attempt, "outcome": fault or "ok", "time": time.time(),
+                         "body": body, "prompt": prompt}
                 if fake.latency_s:
                     time.sleep(fake.latency_s)
                 if fault == "rate_limit":
@@ -191,10 +215,17 @@ class FakeOpenAI:
                 elif fault == "disconnect":
                     self.close_connection = True
                     self.connection.shutdown(2)
-                elif fault == "garbage":
+                elif fault == "garbage" and fake.garbage_kind == "not_json":
                     self._send(200, b"<html>502 Bad Gateway</html>")
+                elif fault == "garbage" and fake.garbage_kind == "no_choices":
+                    self._send(200, json.dumps({"id": f"cmpl-{rid}", "object": "text_completion",
+                                                "model": body["model"], "usage": None}).encode())
                 else:
                     text, finish = scripted_reply(prompt)
+                    text, stopped = apply_stop(text, body.get("stop"))
+                    finish = "stop" if stopped else finish
+                    if fault == "garbage":           # "no_task": well-formed, but nothing to parse
+                        text, finish = "Sorry, I cannot help with that.", "stop"
                     usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4,
                              "total_tokens": len(prompt) // 4 + len(text) // 4}
                     choice = ({"index": 0, "message": {"role": "assistant", "content": text},

@@ -40,9 +40,14 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
     bad.write_text("teacher:\n  modle: x\n")
     assert main(["generate", str(bad)]) == 2
     assert main(["generate", str(REPO / "configs/generate/alpaca.yaml"), "dedup.threshold=3"]) == 2
+    assert main(["generate", str(REPO / "configs/generate/self_instruct.yaml"), "sampling.instances.top_p=0"]) == 2
+    assert main(["generate", str(REPO / "configs/generate/alpaca.yaml"), "pipeline.max_idle_rounds=0"]) == 2
+    assert main(["generate", str(REPO / "configs/generate/alpaca.yaml"), "budget.max_requests=0"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 4 and all(line.startswith("error: ") for line in errors)
+    assert len(errors) == 7 and all(line.startswith("error: ") for line in errors)
     assert "teacher.modle" in errors[2]
+    assert [k in line for k, line in zip(("sampling.instances.top_p", "pipeline.max_idle_rounds",
+                                          "budget.max_requests"), errors[4:])] == [True] * 3
 
 
 def test_shipped_configs_load_and_document_every_key():

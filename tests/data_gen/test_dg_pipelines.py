@@ -110,8 +110,8 @@ def test_cost_budget_uses_the_price_table(repo, tmp_path, fake_server, seed_file
         load_config(repo / CONFIGS["alpaca"], ["teacher.model=unpriced", "budget.max_cost_usd=1"])
 
 
-def test_original_seed_pool_is_accepted_unchanged(seed_file):
-    tasks = load_seed_tasks(seed_file)
+def test_original_seed_pool_is_accepted_unchanged(shared_data):
+    tasks = load_seed_tasks(shared_data / "seed_tasks.jsonl")
     assert len(tasks) == 175 and sum(t.is_classification for t in tasks) == 26
 
 

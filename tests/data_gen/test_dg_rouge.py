@@ -1,9 +1,14 @@
-"""Our ROUGE-L and dedup take exactly rouge-score's decisions (tokens, LCS, F, threshold)."""
+"""Our ROUGE-L and dedup take exactly rouge-score's decisions (tokens, LCS, F, threshold).
+
+The texts are the project's own seed pool (instructions, inputs and outputs, so lengths vary
+from a few words to paragraphs) mixed with generated variants and near-duplicates, so these
+tests run in any clone."""
 
 from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from rouge_score import rouge_scorer, tokenize
@@ -18,22 +23,28 @@ EDGE_CASES = ["", "   ", "!!!", "Hello, World!", "héllo wörld", "İstanbul", "
               "MiXeD CaSe 123abc", "tab\tnew\nline", "ß straße", "Ⅻ roman", "٣ arabic digit"]
 
 
-def _bases(shared_data):
-    bases = [json.loads(line)["instruction"] for line in (shared_data / "seed_tasks.jsonl").open()]
-    bases += [json.loads(line)["instruction"]
-              for line in (shared_data / "user_oriented_instructions.jsonl").open()]
-    bases += [r["instruction"] for r in json.loads((shared_data / "alpaca_en_demo.json").read_text())]
-    return bases
+SEED_POOL = Path(__file__).resolve().parents[2] / "data_gen" / "seed_tasks.jsonl"
 
 
-def test_tokenizer_matches_rouge_score(shared_data):
-    texts = EDGE_CASES + instruction_stream(_bases(shared_data), 5000, seed=3, variant_share=0.9)
+def _bases() -> list[str]:
+    """Every instruction of our seed pool, then each line of 3-30 words of its inputs and outputs."""
+    tasks = [json.loads(line) for line in SEED_POOL.read_text(encoding="utf-8").splitlines()]
+    texts = [t["instruction"] for t in tasks]
+    for t in tasks:
+        for instance in t["instances"]:
+            texts += [line for line in (instance["input"] + "\n" + instance["output"]).splitlines()
+                      if 3 <= len(line.split()) <= 30]
+    return list(dict.fromkeys(texts))
+
+
+def test_tokenizer_matches_rouge_score():
+    texts = EDGE_CASES + instruction_stream(_bases(), 5000, seed=3, variant_share=0.9)
     for text in texts:
         assert rouge_tokenize(text) == tokenize.tokenize(text, None), text
 
 
-def test_lcs_and_fmeasure_match_rouge_score_pairwise(shared_data):
-    stream = instruction_stream(_bases(shared_data)[:400], 1500, seed=4, variant_share=0.9)
+def test_lcs_and_fmeasure_match_rouge_score_pairwise():
+    stream = instruction_stream(_bases()[:400], 1500, seed=4, variant_share=0.9)
     tokens = [rouge_tokenize(t) for t in stream]
     rng = random.Random(0)
     pairs = [(rng.randrange(len(tokens)), rng.randrange(len(tokens))) for _ in range(6000)]
@@ -68,8 +79,8 @@ def _reference_keep(texts, threshold, pool=()):
 
 
 @pytest.mark.parametrize("threshold,count", [(0.7, 1500), (0.5, 600)])
-def test_dedup_decisions_equal_reference(shared_data, threshold, count):
-    bases = _bases(shared_data)
+def test_dedup_decisions_equal_reference(threshold, count):
+    bases = _bases()
     rng = random.Random(threshold)
     rng.shuffle(bases)
     # Many near-duplicates (including punctuation, case and non-ASCII variants), in one stream.
@@ -83,8 +94,8 @@ def test_dedup_decisions_equal_reference(shared_data, threshold, count):
     assert 0.2 * len(stream) < len(result.dropped) < 0.9 * len(stream)  # the test has teeth
 
 
-def test_dedup_against_a_seed_pool_equals_reference(shared_data):
-    bases = _bases(shared_data)
+def test_dedup_against_a_seed_pool_equals_reference():
+    bases = _bases()
     pool, stream = bases[:175], instruction_stream(bases[:175], 600, seed=9, variant_share=0.95)[175:]
     expected = _reference_keep(stream, 0.7, pool)
     result = deduplicate(stream, 0.7, pool=pool)
@@ -92,8 +103,8 @@ def test_dedup_against_a_seed_pool_equals_reference(shared_data):
     assert result.dropped
 
 
-def test_max_similarity_is_exact(shared_data):
-    stream = instruction_stream(_bases(shared_data)[:60], 250, seed=5, variant_share=0.8)
+def test_max_similarity_is_exact():
+    stream = instruction_stream(_bases()[:60], 250, seed=5, variant_share=0.8)
     stream += ["word " * 70 + "x", ("long " * 40 + "tail ") * 2]  # multi-word bit vectors (>64 tokens)
     dedup = RougeDeduplicator(0.7)
     for i, text in enumerate(stream):
