@@ -1,6 +1,7 @@
 """`alpaca-jax chat`: talk to a model in the terminal, tokens printed as they are decoded.
 
-Each turn is rendered with the Alpaca template (`infer.conversation`), earlier turns included
+Each turn is rendered with the run's chat template (`infer.conversation`; Alpaca unless it
+trained with another), earlier turns included
 while they fit the context (the oldest are dropped first). `/reset` starts over, `/exit` or
 end of input quits, and Ctrl-C stops the answer being written, not the session.
 """
@@ -21,7 +22,9 @@ def _fitting_prompt(model: LoadedModel, history: list[dict], question: str, syst
     """Prompt ids for the question after as much recent history as fits (None if it never fits)."""
     turns = list(history)
     while True:
-        ids = model.encode(conversation_prompt([*turns, {"role": "user", "content": question}], system))
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages += [*turns, {"role": "user", "content": question}]
+        ids = model.encode(conversation_prompt(messages, model.template, model.tokenizer))
         if len(ids) < model.max_len:
             return ids
         if not turns:
