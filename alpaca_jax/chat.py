@@ -9,7 +9,9 @@ end of input quits, and Ctrl-C stops the answer being written, not the session.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
+import threading
 from typing import TextIO
 
 from alpaca_jax.infer import LoadedModel, Row, SamplingConfig, decode_rows
@@ -35,6 +37,10 @@ def _fitting_prompt(model: LoadedModel, history: list[dict], question: str, syst
 def chat(model: LoadedModel, sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9),
          system: str | None = None, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
     """The read-answer loop; returns at /exit or end of input."""
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C must reach us as KeyboardInterrupt even when started with SIGINT ignored (a
+        # background job of a non-interactive shell inherits SIG_IGN, and Python keeps it).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"Chatting with {model.name}. {HELP}", file=stdout, flush=True)
     history: list[dict] = []
     turn = 0
