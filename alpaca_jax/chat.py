@@ -1,6 +1,7 @@
 """`alpaca-jax chat`: talk to a model in the terminal, tokens printed as they are decoded.
 
-Each turn is rendered with the Alpaca template (`infer.conversation`), earlier turns included
+Each turn is rendered with the run's chat template (`infer.conversation`; Alpaca unless it
+trained with another), earlier turns included
 while they fit the context (the oldest are dropped first). `/reset` starts over, `/exit` or
 end of input quits, and Ctrl-C stops the answer being written, not the session.
 """
@@ -8,7 +9,9 @@ end of input quits, and Ctrl-C stops the answer being written, not the session.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
+import threading
 from typing import TextIO
 
 from alpaca_jax.infer import LoadedModel, Row, SamplingConfig, decode_rows
@@ -21,7 +24,9 @@ def _fitting_prompt(model: LoadedModel, history: list[dict], question: str, syst
     """Prompt ids for the question after as much recent history as fits (None if it never fits)."""
     turns = list(history)
     while True:
-        ids = model.encode(conversation_prompt([*turns, {"role": "user", "content": question}], system))
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages += [*turns, {"role": "user", "content": question}]
+        ids = model.encode(conversation_prompt(messages, model.template, model.tokenizer))
         if len(ids) < model.max_len:
             return ids
         if not turns:
@@ -32,6 +37,10 @@ def _fitting_prompt(model: LoadedModel, history: list[dict], question: str, syst
 def chat(model: LoadedModel, sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9),
          system: str | None = None, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
     """The read-answer loop; returns at /exit or end of input."""
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C must reach us as KeyboardInterrupt even when started with SIGINT ignored (a
+        # background job of a non-interactive shell inherits SIG_IGN, and Python keeps it).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"Chatting with {model.name}. {HELP}", file=stdout, flush=True)
     history: list[dict] = []
     turn = 0

@@ -4,7 +4,7 @@ Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
 `stream=true` (server-sent events as the `openai` client reads them), `n`, `stop`,
 `max_tokens`, `temperature`, `top_p`, `seed` and `usage`. Requests are decoded by one
 `BatchingEngine`: concurrent requests share decode steps. Chat messages are rendered with the
-Alpaca template (`infer.conversation`).
+run's chat template (`infer.conversation`; Alpaca unless it trained with another).
 
 Bad requests get a 400 with an OpenAI-style body `{"error": {"message", "type", "param",
 "code"}}`. Fields the server does not implement but clients commonly send (presence and
@@ -188,7 +188,7 @@ class _Server:
             raise RequestError("'messages' must be a non-empty array of {role, content} objects with "
                                "string content", param="messages")
         try:
-            return conversation_prompt(messages)
+            return conversation_prompt(messages, self.model.template, self.model.tokenizer)
         except ConversationError as e:
             raise RequestError(str(e), param="messages") from None
 

@@ -3,7 +3,7 @@ cache), on the same weights; and `serve` under concurrent streaming clients vs o
 
 Two shapes with random weights (init std 0.02), exported with `alpaca_jax.hf.export_hf` so both
 sides load the very same tensors:
-    tiny   the `tiny` preset (hidden 128, 4 layers, 4 heads / 2 KV heads, vocab 2048; 1.0M params)
+    tiny   the `tiny` preset (hidden 128, 4 layers, 4 heads / 2 KV heads, vocab 2048; 1.3M params)
     30m    hidden 512, 8 layers, 8 heads, intermediate 1408, vocab 8192 (34.1M params), the
            train-throughput benchmark's shape
 Decode: greedy, a 32-token prompt, N new tokens (EOS disabled on both sides, so every row runs
@@ -54,6 +54,7 @@ class _NoEos:
 def _make_run(root: Path, shape: str) -> Path:
     """A run directory with random weights and a byte-level BPE, plus its HF export."""
     import jax
+    import numpy as np
     from alpaca_jax.checkpoint import save_params
     from alpaca_jax.config import config_from_dict, save_config
     from alpaca_jax.data.templates import alpaca_prompt
@@ -65,8 +66,17 @@ def _make_run(root: Path, shape: str) -> Path:
     run = root / shape
     run.mkdir(parents=True)
     save_params(run, init_params(cfg.model, jax.random.key(0)))
+    # Random words as well as prompts, so the BPE fills the model's whole vocabulary: a random
+    # model's tokens then all decode to text (streamed text, and so time to first token, would
+    # otherwise wait on tokens the tokenizer does not have).
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, rng.integers(3, 9))) for _ in range(60_000)]
     texts = [alpaca_prompt(f"Explain the number {i} in words.") for i in range(100)]
-    train_bpe_tokenizer(texts, 512, 1).save_pretrained(str(run / "tokenizer"))
+    texts += [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
+    tokenizer = train_bpe_tokenizer(texts, cfg.model.vocab_size, 1)
+    assert len(tokenizer) == cfg.model.vocab_size, len(tokenizer)
+    tokenizer.save_pretrained(str(run / "tokenizer"))
     save_config(cfg, run / "config.yaml")
     export_hf(run, root / f"{shape}-hf")
     return run

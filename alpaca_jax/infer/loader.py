@@ -32,6 +32,7 @@ class LoadedModel:
     add_bos: bool           # prepend BOS to every prompt (as in training)
     name: str               # a short name: the run or model directory's name
     max_len: int            # context limit in tokens (prompt + generated)
+    template: str = "alpaca"  # the chat template the model was trained with (data.template)
     mesh: Any = None        # the jax Mesh the params live on (None: the default device)
 
     @property
@@ -73,6 +74,7 @@ def load_model(source: str | Path, mesh=None) -> LoadedModel:
         tokenizer = load_tokenizer(_find_tokenizer(source))
         add_bos = tokenizer.bos_token_id is not None
         name = source.absolute().name
+        template = "alpaca"
     else:
         saved = find_params(source)
         cfg = saved.config.model
@@ -81,8 +83,9 @@ def load_model(source: str | Path, mesh=None) -> LoadedModel:
         tokenizer = load_tokenizer(_find_tokenizer(saved.run_dir / "tokenizer", saved.config.tokenizer.path))
         add_bos = saved.config.tokenizer.add_bos
         name = saved.run_dir.name
+        template = saved.config.data.template
     if tokenizer.eos_token_id is None:
         raise CheckpointError(f"{source}: the tokenizer has no EOS token, so decoding could never stop")
     cfg = dataclasses.replace(cfg, remat="none")  # same parameter tree; nothing to recompute
     return LoadedModel(config=cfg, params=params, tokenizer=tokenizer, add_bos=add_bos, name=name,
-                       max_len=cfg.max_position_embeddings, mesh=mesh)
+                       template=template, max_len=cfg.max_position_embeddings, mesh=mesh)

@@ -188,9 +188,9 @@ class KVCache:
     """Keys and values for decoding: [B, K, S, H] each (with a leading [L] when stacked over
     layers); kv heads before slots, so the score and value matmuls read the cache as it lies
     (no per-step transpose of the whole cache). Slot s of a row holds that row's token at
-    position s (rows never share slots), so
-    rows of different lengths need no offsets: a prompt right-padded to the batch's longest is
-    exact, its padding slots are overwritten by generated tokens before any query reaches them."""
+    position s (rows never share slots), so rows of different lengths need no offsets: a
+    prompt right-padded to the batch's longest is exact, its padding slots are overwritten by
+    generated tokens before any query reaches them."""
     key: jax.Array
     value: jax.Array
 

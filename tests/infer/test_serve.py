@@ -16,6 +16,7 @@ import pytest
 from alpaca_jax.infer import load_model
 from alpaca_jax.infer.conversation import conversation_prompt
 from alpaca_jax.serve import ServeConfig, ServerThread, make_app
+from data_gen.cli import EXIT_CODES
 
 NAME = "tiny"
 
@@ -162,11 +163,23 @@ def test_generate_uses_serve_as_its_teacher(tmp_path, monkeypatch, long_context_
         monkeypatch.setenv("TEACHER_KEY", "unused")
         out = tmp_path / "generated"
         code = main(["generate", "configs/generate/alpaca.yaml", f"teacher.base_url={running.base_url}",
-                     "teacher.model=teacher", "teacher.api_key_env=TEACHER_KEY", "teacher.max_tokens=16",
+                     "teacher.model=teacher", "teacher.api_key_env=TEACHER_KEY", "sampling.instructions.max_tokens=16",
                      "teacher.max_retries=0", "pipeline.requests_per_round=3", "pipeline.max_rounds=1",
                      "pipeline.num_instructions=5", f"output.dir={out}", "output.progress=false"])
-    assert code == 0
+    assert code == EXIT_CODES["max_rounds"]  # one round, as asked; a random model writes no usable task
     journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
     assert len(journal) == 3 and all(isinstance(r["text"], str) and r["completion_tokens"] > 0 for r in journal)
     report = json.loads((out / "report.json").read_text())
     assert report["this_run"]["completed"] == 3
+
+
+def test_conversations_render_with_the_training_template(tiny_model_loaded):
+    from alpaca_jax.data.templates import alpaca_prompt
+    tokenizer = tiny_model_loaded.tokenizer
+    one = [{"role": "user", "content": "Hi"}]
+    assert conversation_prompt(one) == alpaca_prompt("Hi")
+    assert conversation_prompt([{"role": "system", "content": "Be brief."}, *one]).startswith("Be brief.\n\n### Instruction:\nHi")
+    turns = [*one, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More"}]
+    assert conversation_prompt(turns).endswith("### Instruction:\nHi\n\n### Response:Hello.\n\n"
+                                               "### Instruction:\nMore\n\n### Response:")
+    assert conversation_prompt(turns, "vicuna_v1.1", tokenizer).endswith("USER: Hi ASSISTANT: Hello.</s>USER: More ASSISTANT:")
