@@ -265,21 +265,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         from alpaca_jax.hf import import_hf
         import_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
     elif args.command == "eval":
-        preflight.check_model_sources(args.runs, "RUN")
+        preflight.check_model_sources(args.runs, "run")
         preflight.check_output_dir(args.out, "-o/--out")
         _eval(args)
     elif args.command == "chat":
-        preflight.check_model_sources([args.model], "MODEL")
+        preflight.check_model_sources([args.model], "model directory")
         from alpaca_jax.chat import chat
         from alpaca_jax.infer import load_model
         chat(load_model(args.model), _sampling(args), system=args.system)
     elif args.command == "respond":
-        preflight.check_model_sources([args.model], "MODEL")
+        preflight.check_model_sources([args.model], "model directory")
         preflight.check_output_file(args.output, "-o/--output")
         from alpaca_jax.respond import respond
         respond(args.model, args.input, args.output, _sampling(args), batch_size=args.batch_size)
     elif args.command == "serve":
-        preflight.check_model_sources([args.model], "MODEL")
+        preflight.check_model_sources([args.model], "model directory")
         from alpaca_jax.serve import ServeConfig, api_key_from_env, serve
         serve(args.model, ServeConfig(host=args.host, port=args.port, model_name=args.model_name,
                                       api_key=api_key_from_env(args.api_key_env), max_batch=args.max_batch))

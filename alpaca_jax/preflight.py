@@ -55,10 +55,11 @@ def check_import_hf(hf_dir: str | Path, out_dir: str | Path) -> None:
 
 
 def check_model_sources(sources, what: str) -> None:
-    """chat/respond/serve/eval read runs, checkpoints, HF directories (or, for eval, files)."""
+    """chat/respond/serve/eval read runs, checkpoints, HF directories (or, for eval, files);
+    `what` names them as the loaders do ("model directory", "run")."""
     for source in sources:
         if not Path(source).exists():
-            raise ConfigError(f"{what}: {source} does not exist (a run directory, RUN/checkpoints/STEP, "
+            raise ConfigError(f"{what} not found: {source} (a run directory, RUN/checkpoints/STEP, "
                               f"an import-hf output or a local Hugging Face directory)")
 
 

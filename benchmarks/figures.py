@@ -4,8 +4,9 @@ The convention (stated at the top of BENCHMARKS.md): each table is preceded, in 
 the `benchmarks/results/*.json` file(s) it was read from (`results/NAME.json` also counts). Every number in a table cell, except
 the first column (the row's label), a `target` column and anything in backticks (commands,
 shapes), must equal a number in one of those files, as displayed: rounded to the digits shown,
-optionally as a percentage (0.946 -> 94.6%), milliseconds stored as seconds (a `ms` after the
-figure or in the column's header), and with thousands separators. A figure typed by
+optionally as a percentage (0.946 -> 94.6%), a time or size stored in seconds or bytes and shown
+in ms, MiB, GiB, MB or GB (the unit after the figure, or in its column's header as "(ms)"), and
+with thousands separators. A figure typed by
 hand, or left over from an older run, fails this check.
 
     python benchmarks/figures.py            # lists every figure with no source; exit 1 if any
@@ -62,14 +63,19 @@ def _displays(value: float, decimals: int) -> set[str]:
     return {str(exact.quantize(quantum, rounding=mode)) for mode in (ROUND_HALF_UP, ROUND_HALF_EVEN)}
 
 
-def matches(figure: str, numbers: list[float], percent: bool, milliseconds: bool) -> bool:
+# A unit after the figure (or in its column's header) -> how a stored value is scaled for display:
+# times are stored in seconds and sizes in bytes.
+UNITS = {"ms": 1e3, "GiB": 2.0 ** -30, "MiB": 2.0 ** -20, "GB": 1e-9, "MB": 1e-6}
+
+
+def matches(figure: str, numbers: list[float], percent: bool, scales: tuple[float, ...] = ()) -> bool:
     """`figure` as displayed equals one of `numbers` (a percentage may be stored as a fraction,
-    milliseconds as seconds)."""
+    a time or size in another unit)."""
     plain = figure.replace(",", "")
     decimals = len(plain.split(".")[1]) if "." in plain else 0
     target = str(Decimal(plain))
     for n in numbers:
-        candidates = [n] + ([n * 100] if percent else []) + ([n * 1000] if milliseconds else [])
+        candidates = [n] + ([n * 100] if percent else []) + [n * scale for scale in scales]
         if any(target in _displays(c, decimals) for c in candidates):
             return True
     return False
@@ -105,10 +111,12 @@ def unsourced_figures(text: str, results_dir: Path) -> list[Unsourced]:
             visible = re.sub(r"`[^`]*`", "", cell)
             for match in NUMBER.finditer(visible):
                 figure = match.group(0)
-                after = visible[match.end():]
+                after = visible[match.end():].lstrip()
                 percent = after.startswith("%")
-                milliseconds = after.lstrip().startswith("ms") or "(ms" in header[min(column, len(header) - 1)]
-                if not matches(figure, numbers, percent, milliseconds):
+                heading = header[min(column, len(header) - 1)]
+                scales = tuple(scale for unit, scale in UNITS.items()
+                               if re.match(rf"{unit}\b", after) or re.search(rf"\({unit}\b|\b{unit}\)", heading, re.I))
+                if not matches(figure, numbers, percent, scales):
                     problems.append(Unsourced(number, figure, tuple(dict.fromkeys(sources))))
     return problems
 

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import typing
 
 import yaml
 
@@ -18,10 +19,18 @@ from conftest import REPO
 OVERRIDES = ["train.max_steps=7", "model.rope_scaling={factor: 4.0}", "mesh.fsdp=2"]
 
 
+def _section_class(section: dataclasses.Field) -> type:
+    """The section's dataclass, also for an optional section whose default is None (lora)."""
+    if section.default is not None:
+        return type(section.default)
+    hint = typing.get_type_hints(Config)[section.name]
+    return next(arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg))
+
+
 def _keys():
     """(dotted key, section dataclass, field name) for every field of every section."""
     for section in dataclasses.fields(Config):
-        cls = type(section.default)
+        cls = _section_class(section)
         for f in dataclasses.fields(cls):
             yield f"{section.name}.{f.name}", cls, f.name
 
