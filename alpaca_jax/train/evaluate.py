@@ -29,11 +29,13 @@ class EvalLoss:
     examples: int        # examples scored
 
 
-def eval_step(params, batch, base=None, *, model) -> dict[str, jax.Array]:
+def eval_step(params, batch, base=None, *, model, loss_chunk: int | None = None) -> dict[str, jax.Array]:
     """Summed loss and response-token count of one global batch of [A, M, T] rows (with LoRA,
-    `params` are the adapters and `base` the frozen weights; no dropout: no rng)."""
+    `params` are the adapters and `base` the frozen weights; no dropout: no rng). `loss_chunk`
+    as in training, so eval never materialises logits that training does not."""
     flat = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch)  # [A*M, T]
-    return {"loss_sum": summed_loss(params, model, flat, base), "loss_tokens": jnp.sum(flat["loss_mask"])}
+    return {"loss_sum": summed_loss(params, model, flat, base, loss_chunk=loss_chunk),
+            "loss_tokens": jnp.sum(flat["loss_mask"])}
 
 
 def eval_batches(input_ids, loss_mask, *, batch_size: int, seq_len: int, pad_id: int,

@@ -247,7 +247,7 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
         in_shardings=(shardings, batch_sh, *(() if base is None else (base_sh,))),
         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
-    evaluate = _held_out_evaluator(cfg, held_out, mesh, shardings, batch_sh, tokenizer, base, base_sh)
+    evaluate = _held_out_evaluator(cfg, held_out, mesh, shardings, batch_sh, tokenizer, base, base_sh, loss_chunk)
     writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=is_main, append=resume_step is not None)
     summary = {"tokenize": dataclasses.asdict(stats), "sources": per_source,
                "packing_efficiency": iterator.packing_efficiency(),
@@ -336,19 +336,19 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
 
 
 def _held_out_evaluator(cfg: Config, held_out: HeldOut | None, mesh, shardings: TrainState, batch_sh,
-                        tokenizer, base=None, base_sh=None):
+                        tokenizer, base=None, base_sh=None, loss_chunk: int | None = None):
     """params -> EvalLoss over the whole held-out set, batched and placed like training; None
     without a held-out set."""
     if held_out is None:
         return None
-    # Eval batches are training micro-batches: the most rows training runs forward at once, so
-    # eval never needs more activation memory than training (logits are [rows, T, V] in fp32).
+    # Eval batches are training micro-batches, and the loss is chunked exactly when training's
+    # is: eval never needs more activation memory than training.
     rows = cfg.train.batch_size // cfg.train.grad_accum
     batches = eval_batches(held_out.input_ids, held_out.loss_mask, batch_size=rows,
                            seq_len=cfg.data.max_len, pad_id=special_ids(tokenizer).pad,
                            packing=cfg.data.packing, pack_window=cfg.data.pack_window,
                            shard_index=jax.process_index(), shard_count=jax.process_count())
-    step_fn = jax.jit(functools.partial(eval_step, model=Llama(cfg.model, cfg.lora)),
+    step_fn = jax.jit(functools.partial(eval_step, model=Llama(cfg.model, cfg.lora), loss_chunk=loss_chunk),
                       in_shardings=(shardings.params, batch_sh, *(() if base is None else (base_sh,))),
                       out_shardings=sharding.replicated(mesh))
     if base is not None:  # LoRA: the frozen base is an argument of every eval step too
