@@ -196,6 +196,8 @@ class Teacher:
                 raise TeacherFatalError(f"teacher refused the request: {_one_line(e)}") from None
             except Exception as e:  # noqa: BLE001 - every failure is classified below
                 kind = _classify(e)
+                if isinstance(e, openai.APIStatusError):
+                    self._answered = True  # an HTTP status is an answer: the server is there
                 with self._stats_lock:
                     self.stats.count_error(type(e).__name__)
                     prefix = "garbage response, " if kind == "garbage" else ""
@@ -219,8 +221,6 @@ class Teacher:
 
     def _retries_for(self, error: Exception) -> int:
         """Retries allowed for this failure: few for an endpoint that was never reached."""
-        if isinstance(error, openai.APIStatusError):
-            self._answered = True  # an HTTP status is an answer: the server is there
         unreachable = (isinstance(error, openai.APIConnectionError)
                        and not isinstance(error, openai.APITimeoutError))
         if unreachable and not self._answered:
