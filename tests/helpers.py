@@ -58,3 +58,18 @@ def make_tiny_run(root: Path, seed: int = 0, **model_overrides) -> Path:
     train_bpe_tokenizer(TINY_TEXTS, 512, 1).save_pretrained(str(root / "tokenizer"))
     save_config(cfg, root / "config.yaml")
     return root
+
+
+def assert_resumes_exactly(make_iterator, full: list, stop: int) -> None:
+    """A batch iterator stopped after `stop` batches and restored from its state into a fresh
+    one (a run killed and resumed) yields exactly the rest of the uninterrupted stream `full`."""
+    first = make_iterator()
+    for _ in range(stop):
+        next(first)
+    resumed = make_iterator()
+    resumed.restore(first.state())
+    rest = list(resumed)
+    assert len(rest) == len(full) - stop
+    for a, b in zip(rest, full[stop:]):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])

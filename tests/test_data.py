@@ -14,7 +14,7 @@ from alpaca_jax.data import (BatchIterator, DataError, alpaca_prompt, build_exam
                              tokenize_dataset, train_bpe_tokenizer)
 from alpaca_jax.model import Llama, init_params
 from alpaca_jax.train.step import loss_and_grads
-from helpers import random_examples, tiny_model
+from helpers import assert_resumes_exactly, random_examples, tiny_model
 
 
 def test_alpaca_templates_are_the_released_ones():
@@ -144,16 +144,7 @@ def test_iterator_is_deterministic_and_resumes_exactly():
     again = list(_iterator(ids, masks))
     assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(full, again))
     for stop in (0, 3, len(full) // 2 + 1, len(full) - 1):
-        first = _iterator(ids, masks)
-        for _ in range(stop):
-            next(first)
-        resumed = _iterator(ids, masks)
-        resumed.restore(first.state())
-        rest = list(resumed)
-        assert len(rest) == len(full) - stop
-        for a, b in zip(rest, full[stop:]):
-            for key in a:
-                np.testing.assert_array_equal(a[key], b[key])
+        assert_resumes_exactly(lambda: _iterator(ids, masks), full, stop)
     other_seed = list(_iterator(ids, masks, seed=8))
     assert not np.array_equal(other_seed[0]["input_ids"], full[0]["input_ids"])
 

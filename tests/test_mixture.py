@@ -16,7 +16,7 @@ from alpaca_jax.config import CONFIG_DIR, config_from_dict, load_config
 from alpaca_jax.data import BatchIterator, MixtureOrder
 from alpaca_jax.data.mixture import quotas
 from conftest import SHARED_DATA
-from helpers import random_examples
+from helpers import assert_resumes_exactly, random_examples
 
 SIZES = (700, 130)  # a large source down-weighted, a small one up-weighted (repeated)
 
@@ -62,16 +62,8 @@ def test_mixture_realises_its_weights_and_resumes_exactly():
     other = list(_iterator(MixtureOrder(SIZES, (0.75, 0.25), 4000, seed=6), ids, masks))
     assert not np.array_equal(other[0]["input_ids"], full[0]["input_ids"])
     for stop in (7, len(full) // 2 + 3):  # a run killed after `stop` batches and resumed
-        first = _iterator(order, ids, masks)
-        for _ in range(stop):
-            next(first)
-        resumed = _iterator(MixtureOrder(SIZES, (0.75, 0.25), 4000, seed=5), ids, masks)
-        resumed.restore(first.state())
-        rest = list(resumed)
-        assert len(rest) == len(full) - stop
-        for a, b in zip(rest, full[stop:]):
-            for key in a:
-                np.testing.assert_array_equal(a[key], b[key])
+        assert_resumes_exactly(lambda: _iterator(MixtureOrder(SIZES, (0.75, 0.25), 4000, seed=5), ids, masks),
+                               full, stop)
 
 
 def test_shipped_recipes_load():
