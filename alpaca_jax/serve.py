@@ -206,24 +206,31 @@ class _Server:
 
         futures = [asyncio.wrap_future(self.engine.submit(Row(prompt_ids, s, listener(i))))
                    for i, s in enumerate(samplings)]
+        for i, future in enumerate(futures):
+            # The end of row i, queued behind its text: the engine hands over every piece
+            # (call_soon_threadsafe) before it resolves the row's future.
+            future.add_done_callback(lambda _, i=i: pieces.put_nowait((i, None)))
         try:
             for index in range(len(samplings)):
                 yield reply.chunk(index, "", None, first=True)
             open_rows = set(range(len(samplings)))
             finished: dict[int, Any] = {}
             while open_rows:
-                getter = asyncio.ensure_future(pieces.get())
-                done, _ = await asyncio.wait([getter, *[futures[i] for i in open_rows]],
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    index, piece = getter.result()
-                    yield reply.chunk(index, piece, None)
-                    continue
-                getter.cancel()
-                for i in [i for i in open_rows if futures[i].done()]:
-                    while not pieces.empty():  # text decoded before the row finished comes first
-                        index, piece = pieces.get_nowait()
-                        yield reply.chunk(index, piece, None)
+                # Everything queued since the last chunk goes out together, one chunk per row:
+                # a slow client gets fewer, longer chunks instead of a growing backlog.
+                items = [await pieces.get()]
+                while not pieces.empty():
+                    items.append(pieces.get_nowait())
+                texts: dict[int, str] = {}
+                ended = []
+                for index, piece in items:
+                    if piece is None:
+                        ended.append(index)
+                    else:
+                        texts[index] = texts.get(index, "") + piece
+                for index, text in texts.items():
+                    yield reply.chunk(index, text, None)
+                for i in ended:
                     finished[i] = futures[i].result()
                     open_rows.discard(i)
                     yield reply.chunk(i, "", finished[i].finish_reason)

@@ -11,8 +11,8 @@ all N steps), batch 1 and 16; tokens/s = batch * N / wall time of the whole call
 included), after an untimed warm-up call (compilation on our side; a 4-token call on transformers', which
 compiles nothing). The best of `--repeats` timed calls.
 Serve: 16 clients streaming completions (greedy, `--serve-tokens` each, distinct prompts)
-from `serve` of the 30m shape, all at once vs one after another: requests/s and time to first
-token (p50, p99).
+from `alpaca-jax serve` of the 30m shape (its own process, as users run it), all at once vs one
+after another: requests/s and time to first token (p50, p99).
 
     python benchmarks/generation.py            # ~2-3 min; writes benchmarks/results/generation.json
     python benchmarks/generation.py --quick    # smoke run: tiny shape, fewer tokens
@@ -126,13 +126,48 @@ def _percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def _serve(model, clients: int, new_tokens: int) -> dict:
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _ServeProcess:
+    """`alpaca-jax serve RUN` in its own process, as a user runs it (the clients here then do
+    not share the server's Python interpreter)."""
+
+    def __init__(self, run: Path):
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._command = [sys.executable, "-m", "alpaca_jax.cli", "serve", str(run), "--port", str(self.port),
+                         "--model-name", "bench", "--max-batch", "16"]
+
+    def __enter__(self) -> "_ServeProcess":
+        import subprocess
+        import urllib.request
+        self._process = subprocess.Popen(self._command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"serve exited: {self._process.stderr.read().decode()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{self.base_url}/models", timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("serve did not start within 300 s")
+
+    def __exit__(self, *exc) -> None:
+        self._process.terminate()
+        self._process.wait(timeout=60)
+
+
+def _serve(run: Path, clients: int, new_tokens: int) -> dict:
     """Streaming clients against `serve`: all at once, then the same requests one at a time."""
     import openai
-    from alpaca_jax.serve import ServeConfig, ServerThread, make_app
     prompts = [f"Explain the number {i} in words." for i in range(clients)]
-    app = make_app(model, ServeConfig(model_name="bench", max_batch=16))
-    with ServerThread(app) as server:
+    with _ServeProcess(run) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=600)
 
         def one(prompt: str, ttft: list, texts: list, n: int = 1):
@@ -147,20 +182,28 @@ def _serve(model, clients: int, new_tokens: int) -> dict:
             ttft.append(first if first is not None else time.perf_counter() - start)
             texts.append("".join(pieces))
 
-        for n in (1, 2, 4, 8, 16):  # compile every batch bucket outside the timings (n rows each)
-            one(prompts[0], [], [], n)
-        results = {}
-        for mode in ("sequential", "concurrent"):
+        def concurrently():
             ttft: list[float] = []
             texts: list[str] = []
+            threads = [threading.Thread(target=one, args=(p, ttft, texts)) for p in prompts]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+            return ttft, texts
+
+        # Compile outside the timings: every batch bucket (n rows at once), then one concurrent
+        # round (the shapes rows joining a running batch meet).
+        for n in (1, 2, 4, 8, 16):
+            one(prompts[0], [], [], n)
+        concurrently()
+        results = {}
+        for mode in ("sequential", "concurrent"):
             start = time.perf_counter()
             if mode == "sequential":
+                ttft, texts = [], []
                 for p in prompts:
                     one(p, ttft, texts)
             else:
-                threads = [threading.Thread(target=one, args=(p, ttft, texts)) for p in prompts]
-                [t.start() for t in threads]
-                [t.join() for t in threads]
+                ttft, texts = concurrently()
             elapsed = time.perf_counter() - start
             results[mode] = {"requests_per_s": clients / elapsed, "wall_s": elapsed,
                              "ttft_p50_s": _percentile(ttft, 50), "ttft_p99_s": _percentile(ttft, 99)}
@@ -205,8 +248,7 @@ def main() -> None:
                       f"({ours / theirs:.2f}x)", flush=True)
             report["decode"][shape] = rows
         serve_shape = shapes[-1]
-        model = load_model(Path(tmp) / serve_shape)
-        report["serve"] = {"shape": serve_shape, **_serve(model, 16, serve_tokens)}
+        report["serve"] = {"shape": serve_shape, **_serve(Path(tmp) / serve_shape, 16, serve_tokens)}
         s = report["serve"]
         print(f"serve ({serve_shape}, 16 streaming clients, {serve_tokens} tokens): concurrent "
               f"{s['concurrent']['requests_per_s']:.2f} req/s vs sequential {s['sequential']['requests_per_s']:.2f} "

@@ -1,10 +1,16 @@
 """The decode loop: a jitted prefill and a jitted one-token step over a KV cache, driven from
 the host, which detokenizes, checks stop conditions and streams text as tokens arrive.
 
-A batch is a list of `Row`s (prompt ids, sampling settings, an optional callback), so rows from
-unrelated requests decode together. Prompts are right-padded to a shared bucketed length; each
-row keeps its own positions (slot = position in the cache), so padding never changes a row's
-tokens. Both jitted functions are compiled once per (batch, prompt, cache) bucket.
+A `DecodeBatch` holds the rows decoding together, each a `Row` (prompt ids, sampling settings,
+an optional callback), so rows from unrelated requests share decode steps. Rows join between
+steps (continuous batching): a newcomer's prompt is prefilled on its own and its cache rows are
+copied into a free batch slot, while the other rows keep decoding. Each row keeps its own
+positions (cache slot = position), so padding and neighbours never change a row's tokens.
+
+Shapes are bucketed so that a new prompt length or batch size rarely compiles (cache.py):
+batch slots, prompt lengths and cache lengths in powers of two. The cache grows to the next
+length bucket only when a row's position reaches its end, so attention reads (about) as many
+slots as the rows have used, not the most they might use.
 
 Not here: model loading (loader.py), sampling math (sampling.py), HTTP (serve.py).
 """
@@ -19,12 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alpaca_jax.infer.cache import bucket, init_cache, length_bucket
+from alpaca_jax.infer.cache import bucket, cache_bucket, init_cache, prompt_bucket
 from alpaca_jax.infer.loader import LoadedModel
 from alpaca_jax.infer.sampling import SamplingConfig, sample_next
 from alpaca_jax.infer.text import TextTracker
 from alpaca_jax.model import Llama
-from alpaca_jax.model.attention import KVCache
 
 
 class PromptError(ValueError):
@@ -52,35 +57,22 @@ class Row:
     on_text: Callable[[str], bool | None] | None = None
 
 
-def _write(cache: KVCache, new: KVCache, positions: jax.Array) -> KVCache:
-    """Store the new tokens' keys/values [L, B, T, K, H] at slots `positions` [B, T] of the
-    [L, B, K, S, H] cache, all layers at once (in place: the cache buffer is donated)."""
-    rows = jnp.arange(positions.shape[0])[:, None]
-    # Index arrays on dims 1 and 3 around a slice: numpy rules put their [B, T] dims first, so
-    # the update is laid out [B, T, L, K, H].
-    def put(buffer, values):
-        return buffer.at[:, rows, :, positions].set(jnp.transpose(values, (1, 2, 0, 3, 4)).astype(buffer.dtype))
-    return KVCache(key=put(cache.key, new.key), value=put(cache.value, new.value))
-
-
-@functools.partial(jax.jit, static_argnames=("model", "cache_len"))
-def _prefill(params, ids, lengths, seeds, temperature, top_k, top_p, *, model: Llama, cache_len: int):
-    """Right-padded prompts [B, T] -> each row's first generated token [B] and the cache."""
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def _prefill(params, ids, lengths, cache, seeds, temperature, top_k, top_p, *, model: Llama):
+    """Right-padded prompts [B, T] -> each row's first generated token [B] and the cache with
+    the prompts written in (slots 0..T-1; a row's padding slots are overwritten later)."""
     batch, length = ids.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    # Nothing is cached yet: the prompt attends to itself alone (an empty, zero-slot cache).
-    logits, new = model.apply({"params": params}, ids, positions, None, cache=init_cache(model.config, batch, 0),
-                              logits_at=lengths - 1)
-    cache = _write(init_cache(model.config, batch, cache_len), new, positions)
+    logits, cache = model.apply({"params": params}, ids, positions, None, cache=cache, logits_at=lengths - 1)
     return sample_next(logits[:, 0], seeds, lengths, temperature, top_k, top_p), cache
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
 def _decode_step(params, tokens, positions, cache, seeds, temperature, top_k, top_p, *, model: Llama):
-    """Each row's last token [B] at its position [B] -> the next token [B] and the cache."""
-    logits, new = model.apply({"params": params}, tokens[:, None], positions[:, None], None,
-                              cache=cache, logits_at=jnp.zeros_like(positions))
-    cache = _write(cache, new, positions[:, None])
+    """Each row's last token [B] at its position [B] -> the next token [B] and the cache (updated
+    in place: the buffers are donated)."""
+    logits, cache = model.apply({"params": params}, tokens[:, None], positions[:, None], None,
+                                cache=cache, logits_at=jnp.zeros_like(positions))
     return sample_next(logits[:, 0], seeds, positions + 1, temperature, top_k, top_p), cache
 
 
@@ -95,63 +87,158 @@ def encode_prompt(model: LoadedModel, prompt: str) -> list[int]:
     return ids
 
 
-def _row_settings(rows: Sequence[Row], batch: int):
-    """Per-row sampling arrays, padded to the batch bucket with greedy dummy rows."""
-    pad = batch - len(rows)
-    def column(get, dtype):
-        return jnp.asarray([get(r.sampling) for r in rows] + [0] * pad, dtype)
-    return (column(lambda s: s.seed % 2**32, jnp.uint32), column(lambda s: s.temperature, jnp.float32),
-            column(lambda s: s.top_k, jnp.int32),
-            jnp.asarray([r.sampling.top_p for r in rows] + [1.0] * pad, jnp.float32))
+def _settings(rows: Sequence["Row | None"]):
+    """Per-slot sampling arrays (seed, temperature, top_k, top_p); empty slots decode greedily."""
+    samplings = [r.sampling if r is not None else SamplingConfig() for r in rows]
+    return (jnp.asarray([s.seed % 2**32 for s in samplings], jnp.uint32),
+            jnp.asarray([s.temperature for s in samplings], jnp.float32),
+            jnp.asarray([s.top_k for s in samplings], jnp.int32),
+            jnp.asarray([s.top_p for s in samplings], jnp.float32))
+
+
+@functools.partial(jax.jit, donate_argnames=("cache", "tokens"))
+def _admit(cache, tokens, new_cache, new_tokens, slots):
+    """Copy prefilled rows (their cache rows, prompt-length long, and first tokens) into batch
+    `slots` of the running cache; padding rows of the prefill carry an out-of-range slot and are
+    dropped. Cache positions past the prompt keep a former row's values: they are masked until
+    this row's own decode steps overwrite them."""
+    length = new_cache[0].key.shape[2]
+    put = lambda old, new: old.at[slots, :, :length].set(new, mode="drop")  # noqa: E731
+    return jax.tree.map(put, cache, new_cache), tokens.at[slots].set(new_tokens, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "length"))
+def _resize(cache, tokens, *, batch: int, length: int):
+    """Grow the cache to `batch` slots of `length` positions (zeros after the old ones)."""
+    def pad(x):
+        return jnp.pad(x, ((0, batch - x.shape[0]), (0, 0), (0, length - x.shape[2]), (0, 0)))
+    return jax.tree.map(pad, cache), jnp.pad(tokens, (0, batch - tokens.shape[0]))
+
+
+@dataclasses.dataclass
+class _Live:
+    """A row being decoded: its text so far and what ends it."""
+    row: Row
+    tracker: TextTracker
+    budget: int                # tokens it may generate (max_new_tokens, or what the context leaves)
+    generated: list[int] = dataclasses.field(default_factory=list)
+
+    def completion(self, finish_reason: str) -> Completion:
+        return Completion(text=self.tracker.text, token_ids=self.generated,
+                          prompt_tokens=len(self.row.prompt_ids), finish_reason=finish_reason)
+
+
+class DecodeBatch:
+    """Rows decoding together, joining between steps.
+
+    `admit(rows)` prefills new rows into free slots (at most `free` of them); `step()` runs one
+    decode step for every live row and returns the rows it finished with their completions.
+    Each step is dispatched before the previous step's tokens are read back, so the device
+    computes while the host detokenizes; a step past a row's end is wasted work, never output.
+    """
+
+    def __init__(self, model: LoadedModel, max_batch: int = 16):
+        self.model, self.max_batch = model, max_batch
+        self._llama = Llama(model.config)
+        self._slots: list[_Live | None] = []      # one per batch slot; None = free
+        self._positions = np.zeros(0, np.int32)   # where each slot's next fed token goes
+        self._cache = None                        # per layer KVCache [slots, K, cache_len, H]
+        self._tokens = None                       # [slots] sampled, not yet read back or fed
+        self._settings = None                     # per-slot sampling arrays (device)
+
+    @property
+    def live(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def free(self) -> int:
+        return self.max_batch - self.live
+
+    def _cache_len(self) -> int:
+        return 0 if self._cache is None else self._cache[0].key.shape[2]
+
+    def _resize(self, batch: int, length: int) -> None:
+        if self._cache is None:
+            self._cache, self._tokens = init_cache(self.model.config, batch, length), jnp.zeros(batch, jnp.int32)
+        elif (batch, length) != (len(self._slots), self._cache_len()):
+            self._cache, self._tokens = _resize(self._cache, self._tokens, batch=batch, length=length)
+        self._slots += [None] * (batch - len(self._slots))
+        self._positions = np.concatenate([self._positions, np.zeros(batch - len(self._positions), np.int32)])
+
+    def admit(self, rows: Sequence[Row]) -> None:
+        """Prefill `rows` (len(rows) <= free) into free slots; they decode from the next step."""
+        assert 0 < len(rows) <= self.free, (len(rows), self.free)
+        lengths = [len(r.prompt_ids) for r in rows]
+        if min(lengths) == 0:
+            raise PromptError("a prompt has no tokens")
+        if max(lengths) >= self.model.max_len:
+            raise PromptTooLongError(f"a prompt has {max(lengths)} tokens; the context is {self.model.max_len}")
+        max_len = self.model.max_len
+        prompt_len = prompt_bucket(max(lengths), max_len)
+        self._resize(bucket(self.live + len(rows), self.max_batch),
+                     max(cache_bucket(prompt_len, max_len), self._cache_len()))
+        free = [i for i, s in enumerate(self._slots) if s is None][:len(rows)]
+
+        batch = bucket(len(rows), self.max_batch)
+        eos = self.model.eos_id
+        pad_id = eos if self.model.tokenizer.pad_token_id is None else self.model.tokenizer.pad_token_id
+        ids = np.full((batch, prompt_len), pad_id, np.int32)
+        for i, row in enumerate(rows):
+            ids[i, :lengths[i]] = row.prompt_ids
+        row_lengths = np.asarray(lengths + [1] * (batch - len(rows)), np.int32)
+        padded = list(rows) + [None] * (batch - len(rows))
+        # The prefill's own cache is prompt-length long, so its compiled shape depends on the
+        # newcomers alone, not on how far the running rows have got.
+        first, cache = _prefill(self.model.params, jnp.asarray(ids), jnp.asarray(row_lengths),
+                                init_cache(self.model.config, batch, prompt_len), *_settings(padded),
+                                model=self._llama)
+        slots = np.asarray(free + [len(self._slots)] * (batch - len(rows)), np.int32)  # padding: dropped
+        self._cache, self._tokens = _admit(self._cache, self._tokens, cache, first, jnp.asarray(slots))
+        for slot, row, n in zip(free, rows, lengths):
+            self._slots[slot] = _Live(row, TextTracker(self.model.tokenizer, row.sampling.stop),
+                                      budget=min(row.sampling.max_new_tokens, max_len - n))
+            self._positions[slot] = n
+        self._settings = _settings([s.row if s is not None else None for s in self._slots])
+
+    def step(self) -> list[tuple[Row, Completion]]:
+        """Feed every live row its newest token; return the rows that finished, with completions."""
+        live = [i for i, s in enumerate(self._slots) if s is not None]
+        if not live:
+            return []
+        # A row fed at position p needs slot p: grow the cache to the next length bucket first.
+        # (p < max_len always: a row's budget stops it before its position passes the context.)
+        newest = int(self._positions[live].max())
+        if newest >= self._cache_len():
+            self._resize(len(self._slots), cache_bucket(newest + 1, self.model.max_len))
+        fed = self._tokens
+        positions = np.where([s is not None for s in self._slots], self._positions, 0)  # free slots: harmless
+        self._tokens, self._cache = _decode_step(self.model.params, fed, jnp.asarray(positions), self._cache,
+                                                 *self._settings, model=self._llama)
+        host = np.asarray(fed)
+        finished = []
+        eos = self.model.eos_id
+        for i in live:
+            state = self._slots[i]
+            reason = _advance(state.row, int(host[i]), eos, state.tracker, state.generated, state.budget)
+            self._positions[i] += 1
+            if reason is not None:
+                finished.append((state.row, state.completion(reason)))
+                self._slots[i] = None
+        if finished and not self.live:  # empty: start afresh, so the next rows get small shapes again
+            self.__init__(self.model, self.max_batch)
+        return finished
 
 
 def decode_rows(model: LoadedModel, rows: Sequence[Row], max_batch: int = 16) -> list[Completion]:
     """Decode every row together (len(rows) <= max_batch) and return their completions in order."""
     assert 0 < len(rows) <= max_batch, (len(rows), max_batch)
-    lengths = [len(r.prompt_ids) for r in rows]
-    if min(lengths) == 0:
-        raise PromptError("a prompt has no tokens")
-    if max(lengths) >= model.max_len:
-        raise PromptTooLongError(f"a prompt has {max(lengths)} tokens; the context is {model.max_len}")
-    budgets = [min(r.sampling.max_new_tokens, model.max_len - n) for r, n in zip(rows, lengths)]
-    batch = bucket(len(rows), max_batch)
-    prompt_len = length_bucket(max(lengths), model.max_len)
-    # The last generated token is never written back, so prompt + budget - 1 slots suffice.
-    cache_len = max(prompt_len, length_bucket(max(n + b - 1 for n, b in zip(lengths, budgets)), model.max_len))
-
-    eos = model.eos_id
-    pad_id = eos if model.tokenizer.pad_token_id is None else model.tokenizer.pad_token_id
-    ids = np.full((batch, prompt_len), pad_id, np.int32)
-    for i, prompt in enumerate(rows):
-        ids[i, :len(prompt.prompt_ids)] = prompt.prompt_ids
-    row_lengths = np.asarray(lengths + [1] * (batch - len(rows)), np.int32)
-    settings = _row_settings(rows, batch)
-    llama = Llama(model.config)
-
-    tokens, cache = _prefill(model.params, jnp.asarray(ids), jnp.asarray(row_lengths), *settings,
-                             model=llama, cache_len=cache_len)
-    positions = row_lengths.copy()  # where each row's newest token goes
-    trackers = [TextTracker(model.tokenizer, r.sampling.stop) for r in rows]
-    generated: list[list[int]] = [[] for _ in rows]
-    finish: list[str | None] = [None] * len(rows)
-    while True:
-        # Start the next step before reading this one's tokens: the device computes while the
-        # host detokenizes. A step past every row's end is wasted work, never wrong output.
-        host_tokens = tokens
-        if any(f is None for f in finish):
-            tokens, cache = _decode_step(model.params, tokens, jnp.asarray(positions), cache, *settings,
-                                         model=llama)
-        host_tokens = np.asarray(host_tokens)
-        for i, row in enumerate(rows):
-            if finish[i] is None:
-                finish[i] = _advance(row, int(host_tokens[i]), eos, trackers[i], generated[i], budgets[i])
-        if all(f is not None for f in finish):
-            break
-        # Finished rows stop advancing (their slots are never read again); live ones never pass
-        # cache_len - 1 because their budget was sized to fit.
-        positions = np.minimum(positions + 1, cache_len - 1)
-    return [Completion(text=t.text, token_ids=g, prompt_tokens=n, finish_reason=f)
-            for t, g, n, f in zip(trackers, generated, lengths, finish)]
+    batch = DecodeBatch(model, max_batch)
+    batch.admit(rows)
+    done: dict[int, Completion] = {}
+    while len(done) < len(rows):
+        for row, completion in batch.step():
+            done[id(row)] = completion
+    return [done[id(r)] for r in rows]
 
 
 def _advance(row: Row, token: int, eos: int, tracker: TextTracker, generated: list[int],
@@ -175,15 +262,23 @@ def generate(model: LoadedModel, prompts: list[str], sampling: SamplingConfig = 
              batch_size: int = 16) -> list[Completion]:
     """Complete already-formatted prompts (BOS added when the model was trained with it).
 
-    Prompts are decoded `batch_size` at a time, shortest first (less padding), and returned in
-    the order given. The result for a prompt does not depend on the others in its batch.
+    Up to `batch_size` prompts decode at a time, shortest first (less padding); as rows finish,
+    waiting prompts take their slots. Returned in the order given. The result for a prompt does
+    not depend on the others in its batch.
     """
     encoded = [encode_prompt(model, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    rows = {i: Row(encoded[i], sampling) for i in order}
+    index = {id(row): i for i, row in rows.items()}
     results: list[Completion | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        done = decode_rows(model, [Row(encoded[i], sampling) for i in chunk], batch_size)
-        for i, completion in zip(chunk, done):
-            results[i] = completion
+    waiting = list(order)
+    batch = DecodeBatch(model, batch_size)
+    while waiting or batch.live:
+        if waiting and batch.free:
+            # Admit in groups (one prefill each), not one by one as single slots free up.
+            if not batch.live or batch.free >= min(len(waiting), batch_size // 2):
+                admitted, waiting = waiting[:batch.free], waiting[batch.free:]
+                batch.admit([rows[i] for i in admitted])
+        for row, completion in batch.step():
+            results[index[id(row)]] = completion
     return results

@@ -20,13 +20,13 @@ from alpaca_jax.data.tokenizer import load_tokenizer
 from alpaca_jax.hf import load_hf_params, model_config_from_hf, read_hf_config
 from alpaca_jax.hf.config_json import hf_dtype
 from alpaca_jax.hf.convert import TOKENIZER_FILES
-from alpaca_jax.model import logical_axes, param_shapes
+from alpaca_jax.model import logical_axes, param_shapes, unscan_layers
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
     """Everything decoding needs; build it with `load_model`."""
-    config: ModelConfig     # the model's shape (remat off: nothing is differentiated here)
+    config: ModelConfig     # the model's shape (remat off, layers unscanned: see load_model)
     params: Any             # parameter pytree, placed on the mesh
     tokenizer: Any          # a Hugging Face tokenizer
     add_bos: bool           # prepend BOS to every prompt (as in training)
@@ -87,5 +87,11 @@ def load_model(source: str | Path, mesh=None) -> LoadedModel:
     if tokenizer.eos_token_id is None:
         raise CheckpointError(f"{source}: the tokenizer has no EOS token, so decoding could never stop")
     cfg = dataclasses.replace(cfg, remat="none")  # same parameter tree; nothing to recompute
+    if cfg.scan_layers:
+        # Decode with one subtree per layer: a scanned step copies every layer's weights out
+        # of the stack on each token (model/params.py: unscan_layers). Same weights, same
+        # placement on the other dims; the stacked copy is dropped here.
+        params = unscan_layers(params, cfg.num_layers)
+        cfg = dataclasses.replace(cfg, scan_layers=False)
     return LoadedModel(config=cfg, params=params, tokenizer=tokenizer, add_bos=add_bos, name=name,
                        template=template, max_len=cfg.max_position_embeddings, mesh=mesh)

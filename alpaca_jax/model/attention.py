@@ -12,11 +12,11 @@ Exact implementations of the same function (`ModelConfig.attention`):
 - "auto" (the default): the fastest of these that is exact for packed rows on the platform
   the step runs on, chosen (and logged, with the reason) by `select_attention`.
 
-Decoding uses a third path, `cached_attention`: the keys and values of earlier tokens come from
-a read-only `KVCache` (slot s holding position s of its row) and the new tokens' own keys are
-attended to beside them, as two blocks of one softmax. The projections and rotary embeddings are
-the same code as in training; the caller writes the new keys/values into the cache (in place,
-once for all layers), so no layer copies the cache.
+Decoding uses a third path: the layer writes the new tokens' keys and values into its
+`KVCache` (slot s holding position s of its row; `write_cache`), then attends over the whole
+cache with a causal mask on positions (`cached_attention`). Writing before reading lets XLA
+update the (donated) cache buffer in place: read-then-write made it copy every layer's cache on
+every step. The projections and rotary embeddings are the same code as in training.
 
 Einsum legend: B batch, T length (queries), S length (keys), D embed, N query heads,
 K kv heads, G query heads per kv head (N = K * G), H head dim, R rows of a query block
@@ -185,44 +185,44 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values for decoding: [B, K, S, H] each (with a leading [L] when stacked over
-    layers); kv heads before slots, so the score and value matmuls read the cache as it lies
-    (no per-step transpose of the whole cache). Slot s of a row holds that row's token at
-    position s (rows never share slots), so rows of different lengths need no offsets: a
-    prompt right-padded to the batch's longest is exact, its padding slots are overwritten by
-    generated tokens before any query reaches them."""
+    """Keys and values for decoding: [B, K, S, H] each, one pair per layer; kv heads before
+    slots, so the score and value matmuls read the cache as it lies (no per-step transpose of
+    the whole cache). Slot s of a row holds that row's token at position s (rows never share
+    slots), so rows of different lengths need no offsets: a prompt right-padded to the batch's
+    longest is exact, its padding slots are overwritten by generated tokens before any query
+    reaches them."""
     key: jax.Array
     value: jax.Array
 
 
-def cached_attention(query: jax.Array, key: jax.Array, value: jax.Array, cache: KVCache,
-                     positions: jax.Array) -> jax.Array:
-    """Attention for new tokens [B, T] at `positions` over the cache and themselves -> [B, T, N, H].
+def write_cache(cache: KVCache, key: jax.Array, value: jax.Array, positions: jax.Array) -> KVCache:
+    """The cache with the new tokens' keys/values [B, T, K, H] stored at slots `positions` [B, T]."""
+    rows = jnp.arange(positions.shape[0])[:, None]
+    # Index arrays on dims 0 and 2 around a slice: numpy rules put their [B, T] dims first, so
+    # the update is laid out [B, T, K, H], as the new keys are.
+    def put(buffer, values):
+        return buffer.at[rows, :, positions].set(values.astype(buffer.dtype))
+    return KVCache(key=put(cache.key, key), value=put(cache.value, value))
 
-    query [B, T, N, H]; key, value [B, T, K, H] (the new tokens'); cache [B, K, S, H].
 
-    Cache slots before a row's first new position hold its earlier tokens (prompt, then what it
-    generated); later slots are stale or empty and masked. The new tokens attend causally to
-    each other. Scores of both blocks share one fp32 softmax, so this equals attention over the
-    concatenated keys without building that concatenation (a copy of the cache per layer).
+def cached_attention(query: jax.Array, cache: KVCache, positions: jax.Array) -> jax.Array:
+    """Attention of new tokens at `positions` [B, T] over a cache that already holds them -> [B, T, N, H].
+
+    query [B, T, N, H]; cache [B, K, S, H]. A query at position p attends to slots 0..p of its
+    row: its earlier tokens and itself. Later slots are stale or empty and masked; a padding
+    query of a right-padded prompt attends to whatever its slots hold, and its output is never
+    used. Scores and softmax in fp32, as in training.
     """
     batch, length, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
+    num_kv_heads = cache.key.shape[1]
     groups = num_heads // num_kv_heads
     query = (query * jnp.asarray(head_dim ** -0.5, query.dtype)).reshape(batch, length, num_kv_heads, groups, head_dim)
-    cache_key, cache_value = cache.key.astype(query.dtype), cache.value.astype(query.dtype)
-    old_scores = jnp.einsum("BTKGH,BKSH->BKGTS", query, cache_key, preferred_element_type=jnp.float32)
-    new_scores = jnp.einsum("BTKGH,BSKH->BKGTS", query, key, preferred_element_type=jnp.float32)
-    slots = jnp.arange(cache_key.shape[2])
-    old_allowed = slots[None, None, :] < positions[:, :1, None]          # [B, 1, S]
-    new_allowed = positions[:, None, :] <= positions[:, :, None]        # [B, T, T] causal
-    lowest = jnp.finfo(jnp.float32).min
-    scores = jnp.concatenate([jnp.where(old_allowed[:, None, None], old_scores, lowest),
-                              jnp.where(new_allowed[:, None, None], new_scores, lowest)], axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-    old_probs, new_probs = probs[..., :cache_key.shape[2]], probs[..., cache_key.shape[2]:]
-    out = (jnp.einsum("BKGTS,BKSH->BTKGH", old_probs, cache_value)
-           + jnp.einsum("BKGTS,BSKH->BTKGH", new_probs, value))
+    keys, values = cache.key.astype(query.dtype), cache.value.astype(query.dtype)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", query, keys, preferred_element_type=jnp.float32)
+    allowed = jnp.arange(keys.shape[2])[None, None, :] <= positions[:, :, None]   # [B, T, S]
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values)
     return out.reshape(batch, length, num_heads, head_dim)
 
 
@@ -240,9 +240,9 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None, cos: jax.Array, sin: jax.Array,
                  positions: jax.Array | None = None, cache: KVCache | None = None
                  ) -> tuple[jax.Array, KVCache | None]:
-        """[B, T, D] -> ([B, T, D], new keys/values or None). Training passes segment ids and no
-        cache (and gets None back); decoding passes positions and the cache to read, and gets
-        this call's keys and values ([B, T, K, H] each) to write into it."""
+        """[B, T, D] -> ([B, T, D], the updated cache or None). Training passes segment ids and
+        no cache (and gets None back); decoding passes positions and this layer's cache, and
+        gets it back with this call's keys and values written in."""
         embed = x.shape[-1]
         init = nn.initializers.normal(self.init_std)
         q_axes, kv_axes, o_axes = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim"), ("heads", "head_dim", "embed")
@@ -259,7 +259,8 @@ class Attention(nn.Module):
         query = apply_rope(query, cos, sin)
         key = apply_rope(key, cos, sin)
         if cache is None:
-            out, new_kv = attend(query, key, value, segment_ids, self.implementation), None  # [B, T, N, H]
+            out = attend(query, key, value, segment_ids, self.implementation)  # [B, T, N, H]
         else:
-            out, new_kv = cached_attention(query, key, value, cache, positions), KVCache(key, value)
-        return linear("o", out, wo, 2, o_axes), new_kv  # [B, T, D]
+            cache = write_cache(cache, key, value, positions)
+            out = cached_attention(query, cache, positions)
+        return linear("o", out, wo, 2, o_axes), cache  # [B, T, D]

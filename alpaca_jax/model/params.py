@@ -61,3 +61,20 @@ def init_adapters(cfg: ModelConfig, lora, rng: jax.Array):
     """Fresh adapters: A random, B zero. Only the "lora" collection is returned, so under jit
     the base parameters that `init` also draws are never computed."""
     return nn.meta.unbox(Llama(cfg, lora).init(rng, *_dummy_inputs())[LORA_COLLECTION])
+
+
+def unscan_layers(params, num_layers: int):
+    """Scanned parameters (each block's weights stacked under "layers", axis 0 = layer) -> the
+    same weights in the layout of `scan_layers=False` ("layers_0", "layers_1", ...).
+
+    Decoding uses this: a scanned decode step slices every layer's weights out of the stack on
+    every step, which XLA:CPU does as a copy (about half of a 30M model's batch-1 step,
+    BENCHMARKS.md, generation); unscanned, each layer reads its weights where they lie.
+    Each slice keeps the stacked array's placement on the remaining dims.
+    """
+    stacked = params["layers"]
+    leaves, treedef = jax.tree.flatten(stacked)
+    unscanned = {name: value for name, value in params.items() if name != "layers"}
+    for i in range(num_layers):
+        unscanned[f"layers_{i}"] = jax.tree.unflatten(treedef, [leaf[i] for leaf in leaves])
+    return unscanned

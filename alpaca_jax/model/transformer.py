@@ -3,9 +3,10 @@
 Used pure-functionally through Linen: `Llama(cfg).apply({"params": params}, ids, positions,
 segment_ids)`. Packed rows are handled by explicit `positions` (restarting at 0 per example)
 and `segment_ids` (0 = padding), so attention never crosses examples. Decoding calls the same
-module with a `KVCache` to read (stacked over layers) instead of segment ids, and gets the new
-tokens' keys and values back to write into it (see `attention.cached_attention`); the
-parameters are the same.
+module with one `KVCache` per layer instead of segment ids, and gets the caches back with the
+new tokens' keys and values written in (see `attention.cached_attention`); the parameters are
+the same. Decoding runs fastest with unscanned layers (`params.unscan_layers`): each layer then
+reads its own weights and cache where they lie, while a scan slices (copies) them every step.
 
 Einsum legend: B batch, T length, D embed, V vocab.
 """
@@ -33,8 +34,8 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this layer's new keys/values or
-    None) so it can be scanned (they stack over layers)."""
+    """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this layer's updated cache or
+    None) so it can be scanned (caches stack over layers)."""
     config: ModelConfig
     lora: LoraConfig | None = None
 
@@ -43,13 +44,13 @@ class Block(nn.Module):
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         attn_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="attention_norm")(x)
-        attn_out, new_kv = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.init_std,
+        attn_out, cache = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.init_std,
                                      dtype, param_dtype, cfg.attention, self.lora, name="attention")(
                                          attn_in, segment_ids, cos, sin, positions, cache)
         x = x + attn_out
         mlp_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="mlp_norm")(x)
         x = x + SwiGLU(cfg.intermediate_size, cfg.init_std, dtype, param_dtype, self.lora, name="mlp")(mlp_in)
-        return x, new_kv
+        return x, cache
 
 
 def _block_class(cfg: ModelConfig):
@@ -65,13 +66,13 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 cache: KVCache | None = None, logits_at: jax.Array | None = None,
+                 cache: tuple[KVCache, ...] | None = None, logits_at: jax.Array | None = None,
                  return_hidden: bool = False):
         """[B, T] int ids, positions and segment ids -> [B, T, V] logits (compute dtype).
 
-        Decoding: pass `cache` ([L, B, K, S, H] keys and values of earlier tokens, read only;
-        segment_ids is then unused) and get (logits, the new tokens' keys and values as a
-        [L, B, T, K, H] `KVCache`); `logits_at` [B] picks one position per row to compute the
+        Decoding: pass `cache` (one `KVCache` per layer: [B, K, S, H] keys and values, slot =
+        position; segment_ids is then unused) and get (logits, the caches with the new tokens
+        written at their positions); `logits_at` [B] picks one position per row to compute the
         output head at ([B, 1, V] logits), since only each row's last token is sampled from.
 
         Training with `return_hidden=True` returns instead the final-norm hidden states
@@ -90,23 +91,30 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(positions, inv_freq)
 
         block = _block_class(cfg)
-        # Training passes (x, segment_ids, cos, sin); decoding adds positions and the per-layer
-        # cache, which is scanned over (axis 0 = layer) rather than broadcast.
-        args = (segment_ids, cos, sin) if cache is None else (segment_ids, cos, sin, positions, cache)
+        # Training passes (x, segment_ids, cos, sin); decoding adds positions and the layer's
+        # cache.
+        args = (segment_ids, cos, sin) if cache is None else (segment_ids, cos, sin, positions)
         if cfg.scan_layers:
             in_axes = (nn.broadcast,) * 3 if cache is None else (nn.broadcast,) * 4 + (0,)
             stack = nn.scan(block, variable_axes={"params": 0, LORA_COLLECTION: 0},
                             split_rngs={"params": True, "dropout": True},
                             in_axes=in_axes, length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_kv = stack(cfg, self.lora, name="layers")(x, *args)
+            if cache is None:
+                x, _ = stack(cfg, self.lora, name="layers")(x, *args)
+            else:
+                # Correct but slow: the scan takes the caches stacked (a copy each call), and
+                # slices every layer's weights out of the stack. Decoding unscans instead.
+                stacked = jax.tree.map(lambda *c: jnp.stack(c), *cache)
+                x, stacked = stack(cfg, self.lora, name="layers")(x, *args, stacked)
+                cache = tuple(jax.tree.map(lambda c: c[i], stacked) for i in range(cfg.num_layers))
         else:
-            layer_kvs = []
+            updated = []
             for i in range(cfg.num_layers):
-                layer_args = args if cache is None else (*args[:4], jax.tree.map(lambda c: c[i], cache))
-                x, layer_kv = block(cfg, self.lora, name=f"layers_{i}")(x, *layer_args)
-                layer_kvs.append(layer_kv)
-            new_kv = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *layer_kvs)
+                layer_args = args if cache is None else (*args, cache[i])
+                x, layer_cache = block(cfg, self.lora, name=f"layers_{i}")(x, *layer_args)
+                updated.append(layer_cache)
+            cache = None if cache is None else tuple(updated)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
 
@@ -121,4 +129,4 @@ class Llama(nn.Module):
         if return_hidden:
             return x, head.astype(dtype)
         logits = dense(x, head.astype(dtype).T)  # [B, T, V]
-        return logits if cache is None else (logits, new_kv)
+        return logits if cache is None else (logits, cache)

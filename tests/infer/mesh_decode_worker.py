@@ -13,7 +13,7 @@ sharded = load_model(sys.argv[1], mesh=mesh)
 single = load_model(sys.argv[1])
 prompts = ["The sum of 1", "Add 3 and 4. Café", "東京"]
 s = SamplingConfig(max_new_tokens=10)
-wq = jax.tree_util.tree_leaves(sharded.params["layers"]["attention"]["wq"])[0]
+wq = jax.tree_util.tree_leaves(sharded.params["layers_0"]["attention"]["wq"])[0]
 print(json.dumps({"sharded": [c.token_ids for c in generate(sharded, prompts, s)],
                   "single": [c.token_ids for c in generate(single, prompts, s)],
                   "wq_devices": len(wq.sharding.device_set), "wq_shard": list(wq.addressable_shards[0].data.shape)}))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from alpaca_jax.config import RopeScalingConfig
-from alpaca_jax.infer import (LoadedModel, PromptTooLongError, Row, SamplingConfig, TextTracker,
+from alpaca_jax.infer import (DecodeBatch, LoadedModel, PromptTooLongError, Row, SamplingConfig, TextTracker,
                               decode_rows, format_alpaca_prompt, generate, load_model, sampling_mask)
 from alpaca_jax.model import Llama
 from helpers import random_params, tiny_model
@@ -88,6 +88,32 @@ def test_batch_gives_each_prompt_its_solo_result(tiny_model_loaded, sampling):
     assert [c.token_ids for c in batched] == [c.token_ids for c in solo]
     assert [c.text for c in batched] == [c.text for c in solo]
     assert all(c.prompt_tokens == len(tiny_model_loaded.encode(p)) for c, p in zip(batched, PROMPTS))
+
+
+def test_rows_joining_mid_decode_get_their_solo_results(tiny_model_loaded):
+    """Continuous batching: rows admitted while another decodes (into a batch and a cache that
+    then grow: 1 -> 2 -> 4 slots, 64 -> 128 -> 192 positions) decode exactly as they do alone."""
+    model = dataclasses.replace(tiny_model_loaded, tokenizer=_NoEos(tiny_model_loaded.tokenizer))
+    long = SamplingConfig(max_new_tokens=150)
+    encode = tiny_model_loaded.encode
+    rows = {"first": Row(encode(PROMPTS[0]), long),
+            "second": Row(encode(PROMPTS[1]), SamplingConfig(max_new_tokens=40)),
+            "third": Row(encode(PROMPTS[2]), SamplingConfig(max_new_tokens=60, temperature=1.0, seed=3)),
+            "fourth": Row(encode(PROMPTS[3]), long)}
+    solo = {name: decode_rows(model, [row])[0] for name, row in rows.items()}
+    batch, done, steps = DecodeBatch(model, max_batch=4), {}, 0
+    batch.admit([rows["first"]])
+    while len(done) < len(rows):
+        if steps == 30:
+            batch.admit([rows["second"]])
+        if steps == 70:
+            batch.admit([rows["third"], rows["fourth"]])
+        done.update((next(n for n, r in rows.items() if r is row), c) for row, c in batch.step())
+        steps += 1
+    assert {n: c.token_ids for n, c in done.items()} == {n: c.token_ids for n, c in solo.items()}
+    assert {n: c.text for n, c in done.items()} == {n: c.text for n, c in solo.items()}
+    assert len(done["first"].token_ids) == 150 and steps > 200  # the cache grew past two buckets
+    assert batch.live == 0 and batch.free == 4
 
 
 def test_seed_changes_sampled_text_and_greedy_ignores_it(tiny_model_loaded):
