@@ -1,10 +1,10 @@
 """The KV cache's shape and the static shape buckets that decoding is compiled for.
 
 Every distinct array shape costs an XLA compilation, so batch sizes, prompt lengths and cache
-lengths are rounded up to a few buckets (powers of two, capped by the model's context): a new
-prompt length reuses a compiled function unless it crosses into the next bucket. Prompts start
-at 16 tokens (a prefill pads every prompt to its bucket, so a coarse bucket multiplies the
-prefill's work for short prompts), caches at 64 positions.
+lengths are rounded up to a few buckets (powers of two, capped by the model's context; prompts
+also 1.5x powers of two): a new prompt length reuses a compiled function unless it crosses into
+the next bucket. Prompts start at 16 tokens (a prefill pads every prompt to its bucket, so a
+coarse bucket multiplies the prefill's work for short prompts), caches at 64 positions.
 """
 
 from __future__ import annotations
@@ -28,8 +28,12 @@ def bucket(n: int, cap: int, minimum: int = 1) -> int:
 
 
 def prompt_bucket(n: int, max_len: int) -> int:
-    """The padded length of a prefill whose longest prompt has n tokens."""
-    return bucket(n, max_len, MIN_PROMPT_BUCKET)
+    """The padded length of a prefill whose longest prompt has n tokens: a power of two or 1.5x
+    one (16, 24, 32, 48, 64, 96, ...), so padding is at most a third of the prefill's work
+    rather than half, for two compiled shapes per doubling of the length."""
+    size = bucket(n, max_len, MIN_PROMPT_BUCKET)
+    three_quarters = size * 3 // 4
+    return three_quarters if size > MIN_PROMPT_BUCKET and three_quarters >= n and size % 4 == 0 else size
 
 
 def cache_bucket(n: int, max_len: int) -> int:

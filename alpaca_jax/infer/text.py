@@ -10,11 +10,24 @@ text, piece by piece.
 from __future__ import annotations
 
 
+def _decoder(tokenizer):
+    """ids -> text, special tokens skipped, exactly as `tokenizer.decode(ids, skip_special_tokens=True)`.
+
+    A fast tokenizer without the clean-up pass decodes through its Rust backend directly:
+    transformers' `decode` first converts the ids to Python objects one by one, which cost more
+    than the decoding itself (about 4x, once per row per decode step).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class TextTracker:
     """One row's generated text. `add(token)` returns the newly settled text."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        self._tokenizer = tokenizer
+        self._decode = _decoder(tokenizer)
         self._stop = stop
         self._ids: list[int] = []
         self._released = 0           # characters of the text already returned
@@ -23,7 +36,7 @@ class TextTracker:
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        text = self._decode(self._ids)
         start = max(0, self._released - max((len(s) for s in self._stop), default=0))
         hits = [i for i in (text.find(s, start) for s in self._stop) if i >= 0]
         if hits:
