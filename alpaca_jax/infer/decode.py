@@ -140,6 +140,10 @@ class DecodeBatch:
     def __init__(self, model: LoadedModel, max_batch: int = 16):
         self.model, self.max_batch = model, max_batch
         self._llama = Llama(model.config)
+        self._reset()
+
+    def _reset(self) -> None:
+        """No rows and no cache: the next rows start from the smallest shapes again."""
         self._slots: list[_Live | None] = []      # one per batch slot; None = free
         self._positions = np.zeros(0, np.int32)   # where each slot's next fed token goes
         self._cache = None                        # per layer KVCache [slots, K, cache_len, H]
@@ -224,8 +228,8 @@ class DecodeBatch:
             if reason is not None:
                 finished.append((state.row, state.completion(reason)))
                 self._slots[i] = None
-        if finished and not self.live:  # empty: start afresh, so the next rows get small shapes again
-            self.__init__(self.model, self.max_batch)
+        if finished and not self.live:
+            self._reset()
         return finished
 
 
