@@ -2,9 +2,10 @@
 
 Input: Alpaca rows (`{instruction, input[, output]}`, JSON array or JSONL) or Self-Instruct
 tasks (`{instruction, instances: [{input, output}]}`, one row per instance). Output: JSONL, one
-line per answered row, keyed by the row's index, appended and flushed batch by batch. A rerun
-after a crash (even SIGKILL mid-write) drops a torn last line, skips the rows already answered
-and answers the rest, so every row ends up answered exactly once.
+line per answered row, keyed by the row's index, appended and flushed as each row finishes
+decoding (rows decode in a continuous batch, so a long answer does not hold back the short ones
+beside it). A rerun after a crash (even SIGKILL mid-write) drops a torn last line, skips the
+rows already answered and answers the rest, so every row ends up answered exactly once.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from alpaca_jax.data.records import DataError, read_records, resolve_data_path
 from alpaca_jax.data.templates import alpaca_prompt
-from alpaca_jax.infer import SamplingConfig, generate, load_model
+from alpaca_jax.infer import SamplingConfig, load_model, stream_completions
 
 log = logging.getLogger("alpaca_jax")
+FSYNC_EVERY_S = 1.0  # how often answers are forced to disk (a killed process loses nothing flushed)
 
 
 def _answered(output: Path, rows: list[dict[str, str]]) -> set[int]:
@@ -68,21 +71,30 @@ def respond(source: str | Path, input_path: str | Path, output_path: str | Path,
     model = load_model(source)
     prompts = {i: alpaca_prompt(rows[i]["instruction"], rows[i]["input"]) for i in todo}
     fits = {i: len(model.encode(p)) < model.max_len for i, p in prompts.items()}
-    # Shortest first: batches of similar lengths waste less padding.
-    todo.sort(key=lambda i: len(prompts[i]))
     output.parent.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
     with open(output, "a", encoding="utf-8") as out, \
             tqdm(total=len(rows), initial=len(done), desc="respond", unit="row", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            ok = [i for i in chunk if fits[i]]
-            answers = dict(zip(ok, generate(model, [prompts[i] for i in ok], sampling, batch_size=batch_size)))
-            # One write per batch, then fsync: a kill leaves whole lines plus at most one torn line.
-            out.write("".join(json.dumps(_record(i, rows[i], answers.get(i)), ensure_ascii=False) + "\n"
-                              for i in chunk))
+        synced = time.monotonic()
+
+        def save(indices: list[int], answers: list) -> None:
+            """Whole lines, flushed: a kill leaves them plus at most one torn line. fsync (for
+            power loss, not kills) at most every FSYNC_EVERY_S, and at the end."""
+            nonlocal synced
+            out.write("".join(json.dumps(_record(i, rows[i], a), ensure_ascii=False) + "\n"
+                              for i, a in zip(indices, answers)))
             out.flush()
-            os.fsync(out.fileno())
-            bar.update(len(chunk))
+            if time.monotonic() - synced >= FSYNC_EVERY_S:
+                os.fsync(out.fileno())
+                synced = time.monotonic()
+            bar.update(len(indices))
+
+        too_long = [i for i in todo if not fits[i]]
+        if too_long:
+            save(too_long, [None] * len(too_long))
+        ok = [i for i in todo if fits[i]]
+        for j, completion in stream_completions(model, [prompts[i] for i in ok], sampling, batch_size=batch_size):
+            save([ok[j]], [completion])
+        os.fsync(out.fileno())
     log.info("respond: answered %d rows (%d were already done) into %s", len(todo), len(done), output)
     return len(todo)

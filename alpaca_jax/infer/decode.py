@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -262,20 +262,18 @@ def _advance(row: Row, token: int, eos: int, tracker: TextTracker, generated: li
     return reason
 
 
-def generate(model: LoadedModel, prompts: list[str], sampling: SamplingConfig = SamplingConfig(), *,
-             batch_size: int = 16) -> list[Completion]:
-    """Complete already-formatted prompts (BOS added when the model was trained with it).
+def stream_completions(model: LoadedModel, prompts: Sequence[str], sampling: SamplingConfig = SamplingConfig(), *,
+                       batch_size: int = 16) -> Iterator[tuple[int, Completion]]:
+    """Complete already-formatted prompts, yielding (index into `prompts`, completion) as each
+    row finishes, so a caller can save every answer as soon as it exists.
 
     Up to `batch_size` prompts decode at a time, shortest first (less padding); as rows finish,
-    waiting prompts take their slots. Returned in the order given. The result for a prompt does
-    not depend on the others in its batch.
+    waiting prompts take their slots. The result for a prompt does not depend on the others.
     """
     encoded = [encode_prompt(model, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    rows = {i: Row(encoded[i], sampling) for i in order}
+    waiting = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    rows = {i: Row(encoded[i], sampling) for i in waiting}
     index = {id(row): i for i, row in rows.items()}
-    results: list[Completion | None] = [None] * len(prompts)
-    waiting = list(order)
     batch = DecodeBatch(model, batch_size)
     while waiting or batch.live:
         if waiting and batch.free:
@@ -284,5 +282,14 @@ def generate(model: LoadedModel, prompts: list[str], sampling: SamplingConfig = 
                 admitted, waiting = waiting[:batch.free], waiting[batch.free:]
                 batch.admit([rows[i] for i in admitted])
         for row, completion in batch.step():
-            results[index[id(row)]] = completion
+            yield index[id(row)], completion
+
+
+def generate(model: LoadedModel, prompts: list[str], sampling: SamplingConfig = SamplingConfig(), *,
+             batch_size: int = 16) -> list[Completion]:
+    """Complete already-formatted prompts (BOS added when the model was trained with it), in
+    the order given (`stream_completions`, collected)."""
+    results: list[Completion | None] = [None] * len(prompts)
+    for i, completion in stream_completions(model, prompts, sampling, batch_size=batch_size):
+        results[i] = completion
     return results
