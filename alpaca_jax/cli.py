@@ -148,19 +148,20 @@ def _parser() -> argparse.ArgumentParser:
         "respond", help="answer every row of an instruction file (resumable JSONL output)",
         description="Answer each Alpaca row ({instruction, input}) or Self-Instruct instance of "
                     "INPUT with the Alpaca template. Output lines are JSON objects keyed by the "
-                    "row's index, appended batch by batch: rerunning after a crash answers only "
-                    "the rows not yet in the output.")
+                    "row's index, appended as each row finishes: rerunning after a crash answers "
+                    "only the rows not yet in the output.")
     respond.add_argument("model", metavar="MODEL", help=model_help)
     respond.add_argument("--input", required=True, help="JSON or JSONL rows to answer")
     respond.add_argument("-o", "--output", required=True, help="JSONL file to append answers to")
-    respond.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default 16)")
+    respond.add_argument("--batch-size", type=int, default=16, help="prompts decoded together at most (default 16)")
     _add_sampling_arguments(respond, temperature=0.0, top_p=1.0)
 
     serve = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="GET /v1/models, POST /v1/completions and /v1/chat/completions (stream, n, "
                     "stop, max_tokens, temperature, top_p, seed, usage). Concurrent requests "
-                    "share decode batches. Usable as the teacher of `alpaca-jax generate` "
+                    "share decode steps (a request joins the running batch at the next step). "
+                    "Usable as the teacher of `alpaca-jax generate` "
                     "(teacher.base_url=http://HOST:PORT/v1).")
     serve.add_argument("model", metavar="MODEL", help=model_help)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from alpaca_jax.data.records import DataError, read_records, resolve_data_path
 from alpaca_jax.data.templates import alpaca_prompt
-from alpaca_jax.infer import SamplingConfig, load_model, stream_completions
+from alpaca_jax.infer import Row, SamplingConfig, load_model, stream_rows
 
 log = logging.getLogger("alpaca_jax")
 FSYNC_EVERY_S = 1.0  # how often answers are forced to disk (a killed process loses nothing flushed)
@@ -69,8 +69,9 @@ def respond(source: str | Path, input_path: str | Path, output_path: str | Path,
         log.info("respond: all %d rows of %s are already in %s", len(rows), input_path, output)
         return 0
     model = load_model(source)
-    prompts = {i: alpaca_prompt(rows[i]["instruction"], rows[i]["input"]) for i in todo}
-    fits = {i: len(model.encode(p)) < model.max_len for i, p in prompts.items()}
+    # Tokenized once: the length check and the decoding share the ids.
+    ids = {i: model.encode(alpaca_prompt(rows[i]["instruction"], rows[i]["input"])) for i in todo}
+    fits = {i: len(ids[i]) < model.max_len for i in todo}
     output.parent.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
     with open(output, "a", encoding="utf-8") as out, \
@@ -93,7 +94,7 @@ def respond(source: str | Path, input_path: str | Path, output_path: str | Path,
         if too_long:
             save(too_long, [None] * len(too_long))
         ok = [i for i in todo if fits[i]]
-        for j, completion in stream_completions(model, [prompts[i] for i in ok], sampling, batch_size=batch_size):
+        for j, completion in stream_rows(model, [Row(ids[i], sampling) for i in ok], batch_size):
             save([ok[j]], [completion])
         os.fsync(out.fileno())
     log.info("respond: answered %d rows (%d were already done) into %s", len(todo), len(done), output)

@@ -6,11 +6,12 @@ No HTTP and no command line here: `alpaca_jax.serve`, `alpaca_jax.chat` and
 
 from alpaca_jax.data.templates import alpaca_prompt as format_alpaca_prompt
 from alpaca_jax.infer.decode import (Completion, DecodeBatch, PromptError, PromptTooLongError, Row, decode_rows,
-                                     encode_prompt, generate, stream_completions)
+                                     encode_prompt, generate, stream_completions, stream_rows)
 from alpaca_jax.infer.loader import LoadedModel, load_model
 from alpaca_jax.infer.sampling import SamplingConfig, sample_next, sampling_mask
 from alpaca_jax.infer.text import TextTracker
 
-__all__ = ["load_model", "LoadedModel", "SamplingConfig", "generate", "stream_completions", "Completion", "Row",
+__all__ = ["load_model", "LoadedModel", "SamplingConfig", "generate", "stream_completions", "stream_rows",
+           "Completion", "Row",
            "decode_rows", "DecodeBatch", "encode_prompt", "PromptError", "PromptTooLongError", "format_alpaca_prompt",
            "sample_next", "sampling_mask", "TextTracker"]

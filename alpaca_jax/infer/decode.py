@@ -145,7 +145,7 @@ class DecodeBatch:
     def _reset(self) -> None:
         """No rows and no cache: the next rows start from the smallest shapes again."""
         self._slots: list[_Live | None] = []      # one per batch slot; None = free
-        self._positions = np.zeros(0, np.int32)   # where each slot's next fed token goes
+        self._positions = np.zeros(0, np.int32)   # where each slot's next fed token goes (free: 0)
         self._cache = None                        # per layer KVCache [slots, K, cache_len, H]
         self._tokens = None                       # [slots] sampled, not yet read back or fed
         self._settings = None                     # per-slot sampling arrays (device)
@@ -215,8 +215,10 @@ class DecodeBatch:
         if newest >= self._cache_len():
             self._resize(len(self._slots), cache_bucket(newest + 1, self.model.max_len))
         fed = self._tokens
-        positions = np.where([s is not None for s in self._slots], self._positions, 0)  # free slots: harmless
-        self._tokens, self._cache = _decode_step(self.model.params, fed, jnp.asarray(positions), self._cache,
+        # A copy: on CPU the device array may alias the numpy buffer, and the step runs
+        # asynchronously while the loop below advances self._positions in place.
+        positions = jnp.asarray(self._positions.copy())
+        self._tokens, self._cache = _decode_step(self.model.params, fed, positions, self._cache,
                                                  *self._settings, model=self._llama)
         host = np.asarray(fed)
         finished = []
@@ -228,21 +230,10 @@ class DecodeBatch:
             if reason is not None:
                 finished.append((state.row, state.completion(reason)))
                 self._slots[i] = None
+                self._positions[i] = 0  # a free slot decodes garbage at position 0, never read
         if finished and not self.live:
             self._reset()
         return finished
-
-
-def decode_rows(model: LoadedModel, rows: Sequence[Row], max_batch: int = 16) -> list[Completion]:
-    """Decode every row together (len(rows) <= max_batch) and return their completions in order."""
-    assert 0 < len(rows) <= max_batch, (len(rows), max_batch)
-    batch = DecodeBatch(model, max_batch)
-    batch.admit(rows)
-    done: dict[int, Completion] = {}
-    while len(done) < len(rows):
-        for row, completion in batch.step():
-            done[id(row)] = completion
-    return [done[id(r)] for r in rows]
 
 
 def _advance(row: Row, token: int, eos: int, tracker: TextTracker, generated: list[int],
@@ -262,18 +253,15 @@ def _advance(row: Row, token: int, eos: int, tracker: TextTracker, generated: li
     return reason
 
 
-def stream_completions(model: LoadedModel, prompts: Sequence[str], sampling: SamplingConfig = SamplingConfig(), *,
-                       batch_size: int = 16) -> Iterator[tuple[int, Completion]]:
-    """Complete already-formatted prompts, yielding (index into `prompts`, completion) as each
-    row finishes, so a caller can save every answer as soon as it exists.
+def stream_rows(model: LoadedModel, rows: Sequence[Row], batch_size: int = 16) -> Iterator[tuple[int, Completion]]:
+    """Decode `rows`, yielding (index into `rows`, completion) as each row finishes, so a caller
+    can save every answer as soon as it exists.
 
-    Up to `batch_size` prompts decode at a time, shortest first (less padding); as rows finish,
-    waiting prompts take their slots. The result for a prompt does not depend on the others.
+    Up to `batch_size` rows decode at a time, shortest prompt first (less padding); as rows
+    finish, waiting ones take their slots. A row's result does not depend on the others.
     """
-    encoded = [encode_prompt(model, p) for p in prompts]
-    waiting = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    rows = {i: Row(encoded[i], sampling) for i in waiting}
-    index = {id(row): i for i, row in rows.items()}
+    waiting = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt_ids))
+    index = {id(row): i for i, row in enumerate(rows)}
     batch = DecodeBatch(model, batch_size)
     while waiting or batch.live:
         if waiting and batch.free:
@@ -285,11 +273,29 @@ def stream_completions(model: LoadedModel, prompts: Sequence[str], sampling: Sam
             yield index[id(row)], completion
 
 
+def _in_order(count: int, stream: Iterator[tuple[int, Completion]]) -> list[Completion]:
+    results: list[Completion | None] = [None] * count
+    for i, completion in stream:
+        results[i] = completion
+    return results
+
+
+def decode_rows(model: LoadedModel, rows: Sequence[Row], max_batch: int = 16) -> list[Completion]:
+    """Decode every row together (len(rows) <= max_batch) and return their completions in order."""
+    assert 0 < len(rows) <= max_batch, (len(rows), max_batch)
+    return _in_order(len(rows), stream_rows(model, rows, max_batch))
+
+
+def stream_completions(model: LoadedModel, prompts: Sequence[str], sampling: SamplingConfig = SamplingConfig(), *,
+                       batch_size: int = 16) -> Iterator[tuple[int, Completion]]:
+    """Complete already-formatted prompts, yielding (index into `prompts`, completion) as each
+    finishes (`stream_rows`). Every prompt is checked against the context before any decodes."""
+    rows = [Row(encode_prompt(model, p), sampling) for p in prompts]
+    return stream_rows(model, rows, batch_size)
+
+
 def generate(model: LoadedModel, prompts: list[str], sampling: SamplingConfig = SamplingConfig(), *,
              batch_size: int = 16) -> list[Completion]:
     """Complete already-formatted prompts (BOS added when the model was trained with it), in
     the order given (`stream_completions`, collected)."""
-    results: list[Completion | None] = [None] * len(prompts)
-    for i, completion in stream_completions(model, prompts, sampling, batch_size=batch_size):
-        results[i] = completion
-    return results
+    return _in_order(len(prompts), stream_completions(model, prompts, sampling, batch_size=batch_size))
