@@ -25,7 +25,9 @@ from typing import Any
 from alpaca_jax.configlib import ConfigError, dump_yaml
 from alpaca_jax.files import check_writable_dir
 from data_gen.alpaca import run_alpaca
+from data_gen.batch import BatchTeacher
 from data_gen.budget import Budget
+from data_gen.committee import Committee
 from data_gen.config import GenerateConfig
 from data_gen.journal import Journal
 from data_gen.report import Report, write_json_atomic
@@ -62,9 +64,10 @@ def generate(config: GenerateConfig, client: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(config, out / "config.yaml")
     journal = Journal(out / "journal.jsonl")
-    budget = Budget(config.budget, config.teacher.model)
     try:
-        teacher = Teacher(config.teacher, journal, budget, client)
+        teacher = None
+        teacher = _open_teacher(config, journal, client)
+        budget = teacher.budget
         report = Report(pipeline=config.pipeline.name)
         bar = _bar_factory(config.output.progress)
         if config.pipeline.name == "alpaca":
@@ -72,6 +75,8 @@ def generate(config: GenerateConfig, client: Any = None) -> dict[str, Any]:
         else:
             examples = run_self_instruct(config, seeds, teacher, report, bar)
     finally:
+        if isinstance(teacher, BatchTeacher):
+            teacher.close()
         journal.close()
     tokens = {"prompt": budget.prompt_tokens, "completion": budget.completion_tokens,
               "total": budget.total_tokens, "cost_usd": round(budget.cost_usd, 6)}
@@ -84,6 +89,21 @@ def generate(config: GenerateConfig, client: Any = None) -> dict[str, Any]:
                   "retries": stats.retries, "failed": stats.failed, "garbage": stats.garbage,
                   "skipped_for_budget": stats.skipped_for_budget, "errors": dict(stats.errors),
                   "seconds": round(time.time() - started, 3)})
+    if isinstance(teacher, Committee):
+        summary["committee"] = teacher.summary()
+    if isinstance(teacher, BatchTeacher):
+        summary["batch"] = dict(teacher.batch_stats)
     write_json_atomic(out / "data.json", examples)
     write_json_atomic(out / "report.json", summary)
     return summary
+
+
+def _open_teacher(config: GenerateConfig, journal: Journal, client: Any):
+    """The committee when `teachers` is set, else the one `teacher`, online or through the Batch
+    API (`client`: tests inject one)."""
+    if config.teachers:
+        return Committee(config, journal, client)
+    if config.teacher.mode == "batch":
+        return BatchTeacher(config.teacher, config.batch, journal,
+                            Budget(config.budget, config.teacher.model), client)
+    return Teacher(config.teacher, journal, Budget(config.budget, config.teacher.model), client)
