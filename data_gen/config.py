@@ -18,7 +18,7 @@ from alpaca_jax.configlib import ConfigError, apply_overrides, build, load_yaml
 __all__ = ["TeacherConfig", "SamplingConfig", "InstanceSampling", "StageSampling", "PipelineConfig",
            "FilterConfig", "DedupConfig", "ModelPrice", "BudgetConfig", "OutputConfig",
            "GenerateConfig", "MemberConfig", "CommitteeConfig", "BatchConfig", "CurationConfig",
-           "STAGES", "load_config", "DEFAULT_SEED_TASKS", "DEFAULT_INSTANCE_DEMOS"]
+           "CurateConfig", "STAGES", "load_config", "load_curate_config", "DEFAULT_SEED_TASKS", "DEFAULT_INSTANCE_DEMOS"]
 
 DEFAULT_SEED_TASKS = Path(__file__).resolve().parent / "seed_tasks.jsonl"
 DEFAULT_INSTANCE_DEMOS = Path(__file__).resolve().parent / "instance_demos.jsonl"
@@ -270,9 +270,30 @@ class CurationConfig:
     enabled: bool = False                 # as a stage of generate: curate data.json into curated.json
     min_score: float = 4.5                # keep rows scored at least this (scale 1-5)
     judge: str | None = None              # committee teacher (by name) that scores; null = the teacher
+    max_tokens: int = 256                 # completion tokens per rating (a short explanation, the score line)
 
     def __post_init__(self):
         _require(1.0 <= self.min_score <= 5.0, "curation.min_score must be in [1, 5]")
+        _require(self.max_tokens >= 1, "curation.max_tokens must be >= 1")
+
+    def sampling(self) -> "SamplingConfig":
+        """Greedy: the same row gets the same score on every run."""
+        return SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=self.max_tokens)
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    """`curate --judge CONFIG`: the judge that scores rows, its sampling and its budget."""
+    judge: TeacherConfig = field(default_factory=lambda: TeacherConfig(model="gpt-4o-mini", api="chat"))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=256))
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+    def __post_init__(self):
+        self.sampling.check("judge")
+        _require(self.judge.mode == "online", "judge.mode: curation sends its ratings online")
+        if self.budget.max_cost_usd is not None:
+            _require(self.judge.model in self.budget.prices,
+                     f"budget.max_cost_usd needs budget.prices.{self.judge.model}")
 
 
 @dataclass(frozen=True)
@@ -317,3 +338,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> GenerateC
     """YAML file (optional) + overrides -> validated GenerateConfig; errors are ConfigError."""
     data = load_yaml(path) if path is not None else {}
     return build(GenerateConfig, apply_overrides(data, list(overrides)))
+
+
+def load_curate_config(path: str | Path, overrides: list[str] = ()) -> CurateConfig:
+    """The `curate --judge` YAML + overrides -> validated CurateConfig; errors are ConfigError."""
+    return build(CurateConfig, apply_overrides(load_yaml(path), list(overrides)))

@@ -4,7 +4,9 @@ The output directory holds:
 - `journal.jsonl`  every completed teacher response (append-only, fsync'ed): the run's state;
 - `data.json`      the Alpaca-format examples [{instruction, input, output}, ...];
 - `report.json`    requests, tokens, cost, kept, dropped by reason, similarity histogram;
-- `config.yaml`    the resolved config of the last run.
+- `config.yaml`    the resolved config of the last run;
+- with `curation.enabled`: `curated.json` (the examples the judge scored >= curation.min_score),
+  `curated.scores.jsonl` (every example with its score) and `curated.report.json` (histogram).
 
 Rerunning the same command in the same directory replays the journal (no network for work
 already done) and continues; `data.json` and `report.json` are written atomically at the end,
@@ -29,13 +31,14 @@ from data_gen.batch import BatchTeacher
 from data_gen.budget import Budget
 from data_gen.committee import Committee
 from data_gen.config import GenerateConfig
+from data_gen.curate import Curation, curate_rows, write_curation
 from data_gen.journal import Journal
 from data_gen.report import Report, write_json_atomic
 from data_gen.seeds import load_seed_tasks
 from data_gen.self_instruct import run_self_instruct
 from data_gen.teacher import Teacher
 
-__all__ = ["generate"]
+__all__ = ["generate", "bar_factory"]
 
 
 class _NoBar:
@@ -46,7 +49,7 @@ class _NoBar:
         pass
 
 
-def _bar_factory(enabled: bool):
+def bar_factory(enabled: bool):
     if not enabled:
         return lambda desc, total: _NoBar()
     from tqdm import tqdm
@@ -69,11 +72,12 @@ def generate(config: GenerateConfig, client: Any = None) -> dict[str, Any]:
         teacher = _open_teacher(config, journal, client)
         budget = teacher.budget
         report = Report(pipeline=config.pipeline.name)
-        bar = _bar_factory(config.output.progress)
+        bar = bar_factory(config.output.progress)
         if config.pipeline.name == "alpaca":
             examples = run_alpaca(config, seeds, teacher, report, bar)
         else:
             examples = run_self_instruct(config, seeds, teacher, report, bar)
+        curation = _curate(config, teacher, examples, bar) if config.curation.enabled else None
     finally:
         if isinstance(teacher, BatchTeacher):
             teacher.close()
@@ -94,8 +98,22 @@ def generate(config: GenerateConfig, client: Any = None) -> dict[str, Any]:
     if isinstance(teacher, BatchTeacher):
         summary["batch"] = dict(teacher.batch_stats)
     write_json_atomic(out / "data.json", examples)
+    if curation is not None:
+        summary["curation"] = write_curation(examples, curation, out / "curated.json", {})
     write_json_atomic(out / "report.json", summary)
     return summary
+
+
+def _curate(config: GenerateConfig, teacher: Any, examples: list[dict], bar) -> Curation:
+    """The curation stage: the same client, journal and budget rate every kept example."""
+    judge = teacher
+    if isinstance(teacher, Committee) and config.curation.judge is not None:
+        judge = teacher.members[config.curation.judge]
+    progress = bar("examples rated", len(examples))
+    result = curate_rows(examples, judge, config.curation.sampling(), config.curation.min_score,
+                         progress.update)
+    progress.close()
+    return result
 
 
 def _open_teacher(config: GenerateConfig, journal: Journal, client: Any):
