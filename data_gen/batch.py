@@ -70,7 +70,7 @@ def ingest_lines(lines: bytes, by_id: dict[str, Request], journal: Journal, api:
     """Journal every answered row of an output file not journaled yet; (rows journaled now,
     custom_ids answered). A row for an unknown custom_id is ignored."""
     model = ChatCompletion if api == "chat" else Completion
-    added, answered = 0, set()
+    records, answered = [], set()
     for line in lines.splitlines():
         if not line.strip():
             continue
@@ -79,19 +79,20 @@ def ingest_lines(lines: bytes, by_id: dict[str, Request], journal: Journal, api:
         response = row.get("response") or {}
         if rid not in by_id or row.get("error") or response.get("status_code") != 200:
             continue
+        seen = rid in journal or rid in answered
         answered.add(rid)
-        if rid in journal:
+        if seen:
             continue
         try:
             raw = parse_completion(model.model_validate(response.get("body")), api)
         except (ValueError, TypeError):
             raw = None                           # a body that is not a completion: garbage
         text, finish, prompt_tokens, completion_tokens = raw or (None, None, 0, 0)
-        journal.append({"id": rid, "key": by_id[rid].key, "text": text, "finish_reason": finish,
+        records.append({"id": rid, "key": by_id[rid].key, "text": text, "finish_reason": finish,
                         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                         "batch_id": batch_id})
-        added += 1
-    return added, answered
+    journal.extend(records)     # one fsync for the whole file
+    return len(records), answered
 
 
 class BatchTeacher:

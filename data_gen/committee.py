@@ -186,6 +186,8 @@ class Committee:
                                                   (clients or {}).get(spec.name))
             except TeacherFatalError as e:
                 self._drop(spec.name, str(e))
+        if not self.alive:      # nobody to send anything to: refuse now, as one teacher would
+            raise TeacherFatalError(self.last_error)
 
     # -- the Teacher interface used by the pipelines ---------------------------------------
     @property
