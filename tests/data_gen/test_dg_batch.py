@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from data_gen.config import load_config
+from data_gen.batch import BatchTeacher
+from data_gen.budget import Budget
+from data_gen.config import BatchConfig, BudgetConfig, TeacherConfig, load_config
 from data_gen.generate import generate
+from data_gen.journal import Journal
+from data_gen.teacher import Request
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,3 +106,36 @@ def test_sigkill_while_polling_resumes_the_same_batch(tmp_path, fake_server, see
                                     "pipeline.requests_per_round=3")))
     assert (json.loads((out / "data.json").read_text())
             == json.loads((tmp_path / "ref" / "data.json").read_text()))
+
+
+def test_a_kill_between_create_and_journaling_finds_the_batch_by_its_metadata(tmp_path, fake_server, monkeypatch):
+    server = fake_server()
+    config = TeacherConfig(model="m", api="chat", base_url=server.url)
+    requests = [Request.build(f"k/{i}", f"Prompt {i}", {"max_tokens": 8}, []) for i in range(5)]
+
+    def open_teacher():
+        journal = Journal(tmp_path / "journal.jsonl")
+        return journal, BatchTeacher(config, BatchConfig(poll_interval_s=0.01), journal,
+                                     Budget(BudgetConfig(), "m"))
+
+    journal, teacher = open_teacher()
+    append = teacher.batches.append
+
+    def dies_before_the_id_is_written(record):
+        if record.get("batch_id"):
+            raise KeyboardInterrupt           # as if the process were killed at this point
+        append(record)
+
+    monkeypatch.setattr(teacher.batches, "append", dies_before_the_id_is_written)
+    with pytest.raises(KeyboardInterrupt):
+        teacher.complete(requests)
+    teacher.close()
+    journal.close()
+    assert len(server.batches) == 1
+    journal, teacher = open_teacher()
+    answers = teacher.complete(requests)
+    assert len(server.batches) == 1 and teacher.batch_stats == {**teacher.batch_stats, "submitted": 0, "resumed": 1}
+    assert all(answers[r.key] is not None and answers[r.key].text for r in requests)
+    assert max(_paid(server).values()) == 1
+    teacher.close()
+    journal.close()

@@ -14,6 +14,7 @@ import json
 import re
 import threading
 from collections import Counter
+from dataclasses import replace as dataclasses_replace
 
 import numpy as np
 import pytest
@@ -188,3 +189,33 @@ def test_best_of_two_keeps_the_judged_answer_on_every_row(tmp_path, fake_server,
         assert (stage["teacher"], stage["verdict"], stage["judge"]) == (winner, verdict, "model-judge")
         assert sorted(stage["candidates"]) == ["model-t1", "model-t2"]
     assert report["committee"]["judge"]["unparsed"] > 0
+
+
+def test_per_stage_sends_each_stage_to_its_teacher(tmp_path, fake_server, seed_file):
+    weights = {"t1": 1.0, "t2": 1.0, "t3": 1.0}
+    servers = {n: fake_server(reply=_tagged(n)) for n in weights}
+    committee = {"assign": "per_stage", "stages": {"instructions": "t1", "classification": "t2", "instances": "t3"}}
+    config = _config(tmp_path, servers, weights, committee, seed_file, "pipeline.name=self-instruct",
+                     "pipeline.num_instructions=12", "pipeline.requests_per_round=2",
+                     "pipeline.num_prompt_instructions=8", "pipeline.tasks_per_request=16")
+    assert generate(config)["stop"] == "target"
+    prompts = {n: [e["prompt"] for e in s.log] for n, s in servers.items()}
+    assert prompts["t1"] and all(p.startswith("Come up with a series of") for p in prompts["t1"])
+    assert prompts["t2"] and all(p.rstrip().endswith("Is it classification?") for p in prompts["t2"])
+    assert prompts["t3"] and all(p.startswith(("Each task below", "Write examples")) for p in prompts["t3"])
+    rows = json.loads((tmp_path / "out" / "data.json").read_text())
+    assert rows and all({s: w["teacher"] for s, w in r["provenance"].items()}
+                        == {"instructions": "t1", "classification": "t2", "instances": "t3"} for r in rows)
+
+
+def test_a_teacher_at_its_own_cap_hands_over_and_the_total_cap_stops_the_run(tmp_path, fake_server, seed_file):
+    weights = {"t1": 0.5, "t2": 0.5}
+    servers = {n: fake_server(reply=_tagged(n)) for n in weights}
+    config = _config(tmp_path, servers, weights, {}, seed_file, "pipeline.requests_per_round=10",
+                     "pipeline.num_instructions=1000000", "dedup.enabled=false", "budget.max_requests=30")
+    teachers = [dataclasses_replace(m, max_requests=5) if m.name == "t1" else m for m in config.teachers]
+    report = generate(dataclasses_replace(config, teachers=tuple(teachers)))
+    assert report["stop"] == "budget"
+    paid = {n: len(s.completed_ids()) for n, s in servers.items()}
+    assert paid == {"t1": 5, "t2": 25}
+    assert "t1" in report["committee"]["dropped"] and "request budget" in report["committee"]["dropped"]["t1"]
