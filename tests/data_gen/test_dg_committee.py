@@ -15,6 +15,7 @@ import re
 import threading
 from collections import Counter
 from dataclasses import replace as dataclasses_replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,3 +220,17 @@ def test_a_teacher_at_its_own_cap_hands_over_and_the_total_cap_stops_the_run(tmp
     paid = {n: len(s.completed_ids()) for n, s in servers.items()}
     assert paid == {"t1": 5, "t2": 25}
     assert "t1" in report["committee"]["dropped"] and "request budget" in report["committee"]["dropped"]["t1"]
+
+
+def test_shipped_committee_and_curate_configs_load_and_document_every_key():
+    from data_gen.config import load_curate_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs" / "generate"
+    committee = load_config(configs / "committee.yaml")
+    assert [m.name for m in committee.teachers] == ["gpt", "llama", "judge"]
+    assert committee.committee.answer == "best_of" and committee.committee.judge == "judge"
+    assert load_curate_config(configs / "curate.yaml").judge.model == "gpt-4o-mini"
+    for name in ("committee", "curate", "alpaca", "self_instruct"):
+        for line in (configs / f"{name}.yaml").read_text().splitlines():
+            if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+                assert "#" in line, f"undocumented key in {name}.yaml: {line}"
