@@ -254,8 +254,9 @@ class Committee:
             pending = []
             for name, (answers, again) in self._run(groups, on_done).items():
                 pending += again
+                moved = {r.key for r in again}
                 for request in groups[name]:
-                    if request in again or request.key not in answers:
+                    if request.key in moved or request.key not in answers:
                         continue
                     results[request.key] = answers[request.key]
                     self._note(request.key, name, answers[request.key])
