@@ -19,7 +19,7 @@ from data_gen.budget import Budget
 from data_gen.config import BatchConfig, BudgetConfig, TeacherConfig, load_config
 from data_gen.generate import generate
 from data_gen.journal import Journal
-from data_gen.teacher import Request
+from data_gen.teacher import Request, TeacherFatalError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -139,3 +139,18 @@ def test_a_kill_between_create_and_journaling_finds_the_batch_by_its_metadata(tm
     assert max(_paid(server).values()) == 1
     teacher.close()
     journal.close()
+
+
+def test_max_wait_stops_polling_and_a_later_run_resumes_the_batch(tmp_path, fake_server, seed_file):
+    server = fake_server()
+    server.batch_steps = 10 ** 9
+    config = load_config(REPO / "configs/generate/alpaca.yaml", _overrides(
+        server, tmp_path, seed_file, "teacher.mode=batch", "pipeline.num_instructions=10",
+        "pipeline.requests_per_round=2", "batch.max_wait_s=0.2"))
+    with pytest.raises(TeacherFatalError, match="rerun the same command to resume"):
+        generate(config)
+    assert len(server.batches) == 1 and not (tmp_path / "data.json").exists()
+    server.batch_steps = 1                                 # "days later" the batch is done
+    report = generate(config)
+    assert report["stop"] == "target" and report["batch"]["resumed"] == 1
+    assert server.batches[0]["status"] == "completed" and max(_paid(server).values()) == 1
