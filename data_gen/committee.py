@@ -21,12 +21,14 @@ concurrency, prices and caps, all writing to the run's one journal:
 A request whose answer is already in the journal (under any teacher's model) is replayed
 from it, whoever the plan names now: nothing is paid twice.
 
-A teacher is dropped, with a reason logged and kept in the report, when it refuses
-(TeacherFatalError: bad key, unknown model), when `committee.drop_after_failures` of its
-requests in one batch failed after their retries (a dead endpoint), or when its own cap
-(`teachers[].max_requests` ...) is reached. Its failed or unsent requests of that batch go to
-the teachers still alive, in the same call. With none alive every request fails, and the
-pipeline's no-progress rule ends the run with the reasons.
+A request that failed after its retries goes to another teacher (planned with the same u
+among those alive that have not failed it) in the same call; only when every teacher failed it
+is it reported failed (a rerun asks again). A teacher is dropped, with a reason logged and
+kept in the report, when it refuses (TeacherFatalError: bad key, unknown model), when
+`committee.drop_after_failures` of its requests in one batch failed after their retries (a
+dead endpoint), or when its own cap (`teachers[].max_requests` ...) is reached; its unanswered
+requests go to the teachers still alive, and it gets no new ones. With none alive every
+request fails, and the pipeline's no-progress rule ends the run with the reasons.
 
 Budgets: each teacher has its own `Budget` (its caps, its prices); `budget.*` caps the sum.
 
@@ -242,11 +244,12 @@ class Committee:
     # -- one teacher per request ----------------------------------------------------------
     def _complete_single(self, requests: list[Request], on_done) -> dict[str, Response | None]:
         results: dict[str, Response | None] = {}
+        tried: dict[str, set[str]] = {r.key: set() for r in requests}   # teachers that failed it
         pending = requests
         while pending:
             groups: dict[str, list[Request]] = {}
             for request in pending:
-                name = self._route(request)
+                name = self._route(request, tried[request.key])
                 if name is None:
                     results[request.key] = None     # no teacher left: a failure, not a budget stop
                 else:
@@ -256,28 +259,30 @@ class Committee:
                 pending += again
                 moved = {r.key for r in again}
                 for request in groups[name]:
-                    if request.key in moved or request.key not in answers:
-                        continue
-                    results[request.key] = answers[request.key]
-                    self._note(request.key, name, answers[request.key])
+                    if request.key in moved:
+                        tried[request.key].add(name)
+                    elif request.key in answers:
+                        results[request.key] = answers[request.key]
+                        self._note(request.key, name, answers[request.key])
         return results
 
-    def _route(self, request: Request) -> str | None:
-        """The teacher for a request: whoever holds it in the journal, else the plan."""
+    def _route(self, request: Request, excluded: set[str] = frozenset()) -> str | None:
+        """The teacher for a request: whoever holds it in the journal, else the plan among the
+        teachers alive and not `excluded` (those that already failed it)."""
         for name, spec in self.specs.items():
             if name in self.members and request_id(request, spec) in self.journal:
                 return name
-        return self._assigned(request)
+        return self._assigned(request, excluded)
 
-    def _assigned(self, request: Request) -> str | None:
+    def _assigned(self, request: Request, excluded: set[str] = frozenset()) -> str | None:
         """The plan's teacher for a request among those alive (per stage, else by weight)."""
         stage_teacher = self.config.stages.get(stage_of(request.key)) if self.config.assign == "per_stage" else None
-        if stage_teacher is not None and stage_teacher in self.alive:
+        if stage_teacher is not None and stage_teacher in self.alive and stage_teacher not in excluded:
             return stage_teacher
-        return self._planned(request.key)
+        return self._planned(request.key, excluded)
 
-    def _planned(self, key: str) -> str | None:
-        alive = set(self.alive)
+    def _planned(self, key: str, excluded: set[str] = frozenset()) -> str | None:
+        alive = set(self.alive) - set(excluded)
         names = list(self.specs)
         weights = [self.specs[n].weight if n in alive else 0.0 for n in names]
         index = plan_index(self.config.seed, key, weights)
@@ -299,12 +304,12 @@ class Committee:
             if len(failed) >= self.config.drop_after_failures:
                 self._drop(name, f"{len(failed)} of {len(group)} requests in one batch failed after "
                                  f"their retries (last error: {teacher.last_error})")
-                return answers, failed + unsent
             spent = teacher.budget.own.exhausted()
             if unsent and spent:
                 self._drop(name, f"its own {spent}")
-                return answers, unsent
-            return answers, []
+            # Failed requests go to another teacher either way; unsent ones only when this
+            # teacher's own cap stopped them (the total cap stops everyone).
+            return answers, failed + (unsent if spent else [])
 
         if not groups:
             return {}

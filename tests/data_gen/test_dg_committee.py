@@ -114,7 +114,7 @@ def test_a_teacher_killed_mid_run_hands_its_work_to_the_others(tmp_path, fake_se
         return _tagged("t2")(prompt)
 
     servers["t2"].reply = dies_after_40
-    config = _config(tmp_path, servers, weights, {"seed": 3, "drop_after_failures": 1}, seed_file,
+    config = _config(tmp_path, servers, weights, {"seed": 3}, seed_file,
                      "pipeline.requests_per_round=30", "pipeline.max_rounds=10",
                      "pipeline.num_instructions=1000000", "dedup.enabled=false")
     report = generate(config)
