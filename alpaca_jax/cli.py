@@ -26,6 +26,7 @@ examples:
   alpaca-jax serve runs/smoke --port 8000                 # OpenAI-compatible API on 127.0.0.1
   alpaca-jax generate configs/generate/alpaca.yaml  # Self-Instruct data through a teacher LLM
   alpaca-jax dedup in.jsonl -o out.jsonl --threshold 0.7
+  alpaca-jax curate data.json -o curated.json --judge configs/generate/curate.yaml   # judge-scored curation
   alpaca-jax eval runs/a runs/b --data user_oriented_instructions.jsonl -o eval/ab --judge configs/judge/default.yaml
 """
 
@@ -172,7 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most (default 16)")
 
     for name, text in (("generate", "generate instruction data with a teacher LLM (Self-Instruct / Alpaca)"),
-                       ("dedup", "drop near-duplicate instructions by ROUGE-L (rouge-score semantics)")):
+                       ("dedup", "drop near-duplicate instructions by ROUGE-L (rouge-score semantics)"),
+                       ("curate", "keep the rows a judge LLM scores highly (AlpaGasus-style)")):
         sub.add_parser(name, help=text, add_help=False)
     return parser
 
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         from alpaca_jax.host_malloc import maybe_reexec_with_host_malloc_tuning
         maybe_reexec_with_host_malloc_tuning()
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("generate", "dedup"):
+    if argv and argv[0] in ("generate", "dedup", "curate"):
         from data_gen.cli import main as data_gen_main  # data_gen parses its own arguments
         return data_gen_main(argv)
     args = _parser().parse_args(argv)

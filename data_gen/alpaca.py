@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
+from data_gen.committee import row_provenance
 from data_gen.config import GenerateConfig
 from data_gen.filters import instance_drop_reason
 from data_gen.gate import InstructionGate
@@ -69,7 +70,8 @@ def run_alpaca(config: GenerateConfig, seeds: list[SeedTask], teacher: Teacher, 
                 report.candidates += 1
                 report.drop(reason)
             elif gate.admit(instruction):
-                examples.append({"instruction": instruction, "input": task_input, "output": task_output})
+                examples.append({"instruction": instruction, "input": task_input, "output": task_output,
+                                 **row_provenance(teacher, {"instructions": answer.request.key})})
                 progress.update(1)
                 kept += 1
         return kept

@@ -1,4 +1,4 @@
-"""`alpaca-jax generate` and `alpaca-jax dedup` (also `python -m data_gen`): parse, dispatch.
+"""`alpaca-jax generate`, `dedup` and `curate` (also `python -m data_gen`): parse, dispatch.
 
 Config and usage errors print one line `error: ...` to stderr and return 2. A generate run that
 ends before its target prints one line and returns the code of its stop (`EXIT_CODES`).
@@ -52,6 +52,23 @@ bit-parallel LCS. IN is JSONL (one object per line, or one string) or a JSON arr
 the output has the same format with the dropped records removed."""
 
 
+CURATE_HELP = """\
+Rate every (instruction, input, output) row of DATA with a judge LLM (accuracy and
+helpfulness, 1-5, AlpaGasus-style; the prompt is in data_gen/judging.py) and keep the rows
+scored at least --min-score. DATA is a JSON array (the released alpaca_data.json, our
+data.json) or JSONL. Writes OUT (the kept rows), OUT's stem + .scores.jsonl (every row with
+its score; null when the reply had no score line, or no reply came), + .report.json (counts,
+score histogram) and + .journal.jsonl (every rating paid for). Rerun the same command after a
+kill: ratings in the journal are not paid again.
+
+CONFIG is a YAML with `judge` (a teacher block), `sampling` and `budget` sections (see
+alpaca_jax/configs/generate/curate.yaml); overrides as section.field=value.
+
+Exit codes: 0 every row rated (unparseable replies are counted in the report, not retried);
+1 the judge refused, or some ratings failed after their retries; 2 bad input; 3 a budget cap
+stopped the rating (OUT holds the rows kept so far)."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alpaca-jax", description="Self-Instruct / Alpaca data generation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -69,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="rouge: rouge-score's ASCII tokenizer (default); unicode: letters of "
                             "any script, one token per CJK character")
     dedup.add_argument("--field", default="instruction", help="record field to compare (default: instruction)")
+    dedup.set_defaults(handler=_dedup)
+    gen.set_defaults(handler=_generate)
+    curate = sub.add_parser("curate", help="keep the rows a judge LLM scores highly (AlpaGasus)",
+                            description=CURATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    curate.add_argument("data", metavar="DATA", help="rows to rate: .json array or .jsonl")
+    curate.add_argument("-o", "--output", required=True, metavar="OUT", help="kept rows (JSON array)")
+    curate.add_argument("--judge", required=True, metavar="CONFIG", help="judge YAML (judge, sampling, budget)")
+    curate.add_argument("--min-score", type=float, default=4.5, help="keep rows scored >= this (1-5, default 4.5)")
+    curate.add_argument("overrides", nargs="*", help="section.field=value overrides of CONFIG")
+    curate.set_defaults(handler=_curate)
     return parser
 
 
@@ -120,10 +147,55 @@ def _dedup(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+def _curate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from alpaca_jax.files import check_writable_file
+    from data_gen.config import load_curate_config
+    from data_gen.curate import curate_file
+    from data_gen.generate import bar_factory
+    from data_gen.teacher import TeacherFatalError
+
+    if not 1.0 <= args.min_score <= 5.0:
+        raise ConfigError(f"--min-score must be in [1, 5], got {args.min_score}")
+    if not Path(args.data).is_file():
+        raise ConfigError(f"input file not found: {args.data}")
+    if not Path(args.judge).is_file():
+        raise ConfigError(f"judge config not found: {args.judge}")
+    config = load_curate_config(args.judge, args.overrides)
+    check_writable_file(args.output, "-o", ConfigError)
     try:
-        return _generate(args) if args.command == "generate" else _dedup(args)
+        report = curate_file(Path(args.data), Path(args.output), config, args.min_score,
+                             bar=bar_factory(sys.stderr.isatty()))
+    except ValueError as e:     # JSON errors and rows without instruction/output
+        raise ConfigError(" ".join(str(e).split())) from None
+    except TeacherFatalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    line = (f"kept {report['kept']} of {report['rows']} rows scored >= {args.min_score} -> {args.output} "
+            f"({report['unparseable']} replies without a score line)")
+    if report["not_sent"]:
+        print(f"stopped: {report['budget_stop']}; {report['not_sent']} rows not rated; {line}; raise "
+              "budget.* and rerun the same command to continue", file=sys.stderr)
+        return 3
+    if report["failed"]:
+        print(f"error: {report['failed']} ratings failed after their retries (last error: "
+              f"{report['this_run']['last_error']}); {line}; rerun the same command to finish", file=sys.stderr)
+        return 1
+    print(line, file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    # argparse takes `curate`'s overrides only right after DATA; accept them after the options too.
+    if extra and (args.command != "curate" or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.handler(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,9 @@ The output directory holds:
 - `journal.jsonl`  every completed teacher response (append-only, fsync'ed): the run's state;
 - `data.json`      the Alpaca-format examples [{instruction, input, output}, ...];
 - `report.json`    requests, tokens, cost, kept, dropped by reason, similarity histogram;
-- `config.yaml`    the resolved config of the last run.
+- `config.yaml`    the resolved config of the last run;
+- with `curation.enabled`: `curated.json` (the examples the judge scored >= curation.min_score),
+  `curated.scores.jsonl` (every example with its score) and `curated.report.json` (histogram).
 
 Rerunning the same command in the same directory replays the journal (no network for work
 already done) and continues; `data.json` and `report.json` are written atomically at the end,
@@ -25,15 +27,18 @@ from typing import Any
 from alpaca_jax.configlib import ConfigError, dump_yaml
 from alpaca_jax.files import check_writable_dir
 from data_gen.alpaca import run_alpaca
+from data_gen.batch import BatchTeacher
 from data_gen.budget import Budget
+from data_gen.committee import Committee
 from data_gen.config import GenerateConfig
+from data_gen.curate import Curation, curate_rows, write_curation
 from data_gen.journal import Journal
 from data_gen.report import Report, write_json_atomic
 from data_gen.seeds import load_seed_tasks
 from data_gen.self_instruct import run_self_instruct
 from data_gen.teacher import Teacher
 
-__all__ = ["generate"]
+__all__ = ["generate", "bar_factory"]
 
 
 class _NoBar:
@@ -44,7 +49,7 @@ class _NoBar:
         pass
 
 
-def _bar_factory(enabled: bool):
+def bar_factory(enabled: bool):
     if not enabled:
         return lambda desc, total: _NoBar()
     from tqdm import tqdm
@@ -62,16 +67,20 @@ def generate(config: GenerateConfig, client: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(config, out / "config.yaml")
     journal = Journal(out / "journal.jsonl")
-    budget = Budget(config.budget, config.teacher.model)
     try:
-        teacher = Teacher(config.teacher, journal, budget, client)
+        teacher = None
+        teacher = _open_teacher(config, journal, client)
+        budget = teacher.budget
         report = Report(pipeline=config.pipeline.name)
-        bar = _bar_factory(config.output.progress)
+        bar = bar_factory(config.output.progress)
         if config.pipeline.name == "alpaca":
             examples = run_alpaca(config, seeds, teacher, report, bar)
         else:
             examples = run_self_instruct(config, seeds, teacher, report, bar)
+        curation = _curate(config, teacher, examples, bar) if config.curation.enabled else None
     finally:
+        if isinstance(teacher, BatchTeacher):
+            teacher.close()
         journal.close()
     tokens = {"prompt": budget.prompt_tokens, "completion": budget.completion_tokens,
               "total": budget.total_tokens, "cost_usd": round(budget.cost_usd, 6)}
@@ -84,6 +93,35 @@ def generate(config: GenerateConfig, client: Any = None) -> dict[str, Any]:
                   "retries": stats.retries, "failed": stats.failed, "garbage": stats.garbage,
                   "skipped_for_budget": stats.skipped_for_budget, "errors": dict(stats.errors),
                   "seconds": round(time.time() - started, 3)})
+    if isinstance(teacher, Committee):
+        summary["committee"] = teacher.summary()
+    if isinstance(teacher, BatchTeacher):
+        summary["batch"] = dict(teacher.batch_stats)
     write_json_atomic(out / "data.json", examples)
+    if curation is not None:
+        summary["curation"] = write_curation(examples, curation, out / "curated.json", {})
     write_json_atomic(out / "report.json", summary)
     return summary
+
+
+def _curate(config: GenerateConfig, teacher: Any, examples: list[dict], bar) -> Curation:
+    """The curation stage: the same client, journal and budget rate every kept example."""
+    judge = teacher
+    if isinstance(teacher, Committee) and config.curation.judge is not None:
+        judge = teacher.members[config.curation.judge]
+    progress = bar("examples rated", len(examples))
+    result = curate_rows(examples, judge, config.curation.sampling(), config.curation.min_score,
+                         progress.update)
+    progress.close()
+    return result
+
+
+def _open_teacher(config: GenerateConfig, journal: Journal, client: Any):
+    """The committee when `teachers` is set, else the one `teacher`, online or through the Batch
+    API (`client`: tests inject one)."""
+    if config.teachers:
+        return Committee(config, journal, client)
+    if config.teacher.mode == "batch":
+        return BatchTeacher(config.teacher, config.batch, journal,
+                            Budget(config.budget, config.teacher.model), client)
+    return Teacher(config.teacher, journal, Budget(config.budget, config.teacher.model), client)

@@ -74,6 +74,20 @@ class Journal:
             os.fsync(self._file.fileno())
             self._records[record["id"]] = record
 
+    def extend(self, records: list[dict[str, Any]]) -> None:
+        """Durably record many completed requests with one fsync (a Batch API output file).
+        A kill mid-write loses a tail the caller can rebuild (the batch output is re-downloaded)."""
+        if not records:
+            return
+        blob = b"".join((json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+                        for r in records)
+        with self._lock:
+            self._file.write(blob)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            for record in records:
+                self._records[record["id"]] = record
+
     def close(self) -> None:
         with self._lock:
             self._file.close()

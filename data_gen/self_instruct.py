@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
+from data_gen.committee import row_provenance
 from data_gen.config import GenerateConfig
 from data_gen.filters import conflicting_instances, instance_drop_reason
 from data_gen.gate import InstructionGate
@@ -121,6 +122,7 @@ def run_self_instruct(config: GenerateConfig, seeds: list[SeedTask], teacher: Te
     clf_examples = classification_examples(seeds, pipeline.seed)
     demos = load_instance_demos(pipeline.instance_demos_path)
     machine: list[str] = []
+    origins: list[str] = []            # the stage 1 request each instruction came from
     labels: dict[int, bool] = {}       # stage 2 answers, by place in `machine`
     complete = 0                       # tasks that went through every stage
     examples: list[dict[str, str]] = []
@@ -154,6 +156,7 @@ def run_self_instruct(config: GenerateConfig, seeds: list[SeedTask], teacher: Te
                 break
             if gate.admit(instruction):
                 machine.append(instruction)
+                origins.append(answer.request.key)
                 kept += 1
         return kept
 
@@ -167,9 +170,12 @@ def run_self_instruct(config: GenerateConfig, seeds: list[SeedTask], teacher: Te
         pairs = _valid_instances(answer.parsed, config, report) if answer.parsed else []
         if not pairs:
             report.drop("task_without_valid_instance")
-        instruction = machine[_index(answer.request)]
-        examples.extend({"instruction": instruction, "input": task_input, "output": task_output}
-                        for task_input, task_output in pairs)
+        index = _index(answer.request)
+        provenance = row_provenance(teacher, {"instructions": origins[index],
+                                              "classification": f"self-instruct/classify/{index}",
+                                              "instances": answer.request.key})
+        examples.extend({"instruction": machine[index], "input": task_input, "output": task_output,
+                         **provenance} for task_input, task_output in pairs)
         complete += 1
         progress.update(1)
         return len(pairs)

@@ -43,7 +43,8 @@ from data_gen.budget import Budget
 from data_gen.config import TeacherConfig
 from data_gen.journal import Journal
 
-__all__ = ["Request", "Response", "Teacher", "TeacherFatalError", "TeacherStats", "request_id"]
+__all__ = ["Request", "Response", "Teacher", "TeacherFatalError", "TeacherStats", "request_id",
+           "parse_completion"]
 
 _RETRY_STATUS = {408, 409, 429}
 _FATAL = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
@@ -240,7 +241,7 @@ class Teacher:
         else:
             result = self.client.completions.create(
                 model=self.config.model, prompt=request.prompt, extra_headers=headers, **sampling)
-        return _extract(result, self.config.api)
+        return parse_completion(result, self.config.api)
 
     def _record(self, rid: str, request: Request, raw) -> Response:
         if raw is None:
@@ -266,7 +267,7 @@ class Teacher:
         return base / 2 + self._jitter.uniform(0, base / 2)
 
 
-def _extract(result: Any, api: str) -> tuple[str, str | None, int, int] | None:
+def parse_completion(result: Any, api: str) -> tuple[str, str | None, int, int] | None:
     """Text, finish reason and usage, or None when the body is not a completion."""
     try:
         choice = result.choices[0]

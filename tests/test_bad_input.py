@@ -34,6 +34,8 @@ HF_CONFIG = json.dumps({"model_type": "llama", "architectures": ["LlamaForCausal
 # An import-hf output as far as export-hf's checks look (the weights are never reached).
 IMPORTED = {"src/params/.keep": "", "src/config.yaml": yaml.safe_dump({"model": {"preset": "tiny"}})}
 GENERATE = str(REPO / "alpaca_jax" / "configs" / "generate" / "alpaca.yaml")
+CURATE = str(REPO / "alpaca_jax" / "configs" / "generate" / "curate.yaml")
+COMMITTEE = "teachers:\n  - {name: a, base_url: 'http://127.0.0.1:9/v1'}\ncommittee:\n  assign: per_stage\n  stages: {instances: b}\n"
 ROW = '{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}\n'
 
 
@@ -107,6 +109,18 @@ ROWS = [
                                     "output.dir={tmp}/gen"), ("{tmp}/seeds.jsonl:2", "UTF-8"),
         files={"seeds.jsonl": b'{"instruction": "a", "instances": [{"input": "", "output": "b"}]}\n'
                               b'{"instruction": "' + LATIN1 + b'", "instances": [{"input": "", "output": "b"}]}\n'}),
+    Row("generate-committee-unknown-teacher", ("generate", "{tmp}/c.yaml", "output.dir={tmp}/gen"),
+        ("committee.stages.instances", "'b'"), files={"c.yaml": COMMITTEE}),
+    Row("generate-unknown-teacher-mode", ("generate", GENERATE, "teacher.mode=offline"), ("teacher.mode", "offline")),
+    # -- curate ---------------------------------------------------------------------------------
+    Row("curate-missing-data", ("curate", "{tmp}/nope.json", "-o", "{tmp}/out.json", "--judge", CURATE),
+        ("{tmp}/nope.json",)),
+    Row("curate-min-score-out-of-range", ("curate", "{tmp}/in.jsonl", "-o", "{tmp}/out.json", "--judge", CURATE,
+                                          "--min-score", "7"), ("--min-score", "7"), files={"in.jsonl": ROW}),
+    Row("curate-row-without-output", ("curate", "{tmp}/in.jsonl", "-o", "{tmp}/out.json", "--judge", CURATE),
+        ("{tmp}/in.jsonl", "row 2", "output"), files={"in.jsonl": ROW + '{"instruction": "x"}\n'}),
+    Row("curate-unknown-judge-key", ("curate", "{tmp}/in.jsonl", "-o", "{tmp}/out.json", "--judge", CURATE,
+                                     "judge.bogus=1"), ("judge.bogus",), files={"in.jsonl": ROW}),
     # -- dedup ----------------------------------------------------------------------------------
     Row("dedup-not-utf8", ("dedup", "{tmp}/in.jsonl", "-o", "{tmp}/out.jsonl"), ("{tmp}/in.jsonl:3", "UTF-8"),
         files={"in.jsonl": (ROW + ROW).encode() + b'{"instruction": "' + LATIN1 + b'"}\n'}),

@@ -8,7 +8,15 @@ longer than the client timeout, a dropped connection, and content-deterministic 
 one of three kinds (`garbage_kind`): a 200 whose body is not JSON, JSON without `choices`, or
 a well-formed completion whose text holds no task. Every call is logged with the request id
 header the generator sends and the request body, so tests can check what was sent (twice).
-`closed_port_url()` gives an endpoint nobody listens on.
+`closed_port_url()` gives an endpoint nobody listens on; `kill()` takes a running server down
+(open keep-alive connections are cut too, as when the process dies).
+
+The Batch API too: `POST /files` (multipart upload), `GET /files/{id}/content`, `POST /batches`,
+`GET /batches/{id}` (the status moves validating -> in_progress -> finalizing -> completed, one
+step every `batch_steps` polls), `GET /batches` (list). Each batch row is answered with the same
+reply an online request gets; rows picked by `expire_rate` (a hash of the custom_id) land in the
+error file as `batch_expired` the first time they are batched, and the batch ends `expired`.
+`batches` lists every batch created and `log` holds one entry per answered row (`"batch": id`).
 """
 
 from __future__ import annotations
@@ -139,7 +147,8 @@ class FakeOpenAI:
 
     def __init__(self, fault_rate: float = 0.0, garbage_rate: float = 0.0, stall_s: float = 1.0,
                  latency_s: float = 0.0, kinds: tuple[str, ...] = _FAULT_KINDS,
-                 garbage_kind: str = "not_json", reply=scripted_reply):
+                 garbage_kind: str = "not_json", reply=scripted_reply, batch_steps: int = 1,
+                 expire_rate: float = 0.0):
         assert garbage_kind in GARBAGE_KINDS, garbage_kind
         self.reply = reply  # prompt -> (text, finish_reason); other tests (the eval judge) script their own
         self.fault_rate = fault_rate
@@ -149,6 +158,14 @@ class FakeOpenAI:
         self.latency_s = latency_s
         self.kinds = kinds
         self.log: list[dict] = []
+        self.dead = False
+        self.batch_steps = batch_steps
+        self.expire_rate = expire_rate
+        self.batches: list[dict] = []      # every batch created, in order (the API objects)
+        self.polls = 0
+        self._files: dict[str, bytes] = {}
+        self._batch_files: dict[str, dict] = {}   # batch id -> output/error lines, poll count
+        self._expired_once: set[str] = set()
         self._attempts: dict[str, int] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -162,6 +179,97 @@ class FakeOpenAI:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def kill(self) -> None:
+        """Die now: new connections are refused, requests on open ones get no answer."""
+        self.dead = True
+        threading.Thread(target=self.stop, daemon=True).start()
+
+    def completion(self, body: dict, chat: bool, rid: str, garbage: bool = False) -> dict:
+        """The JSON body of a completion for a request body (online and batch alike)."""
+        prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        text, finish = self.reply(prompt)
+        text, stopped = apply_stop(text, body.get("stop"))
+        finish = "stop" if stopped else finish
+        if garbage:           # "no_task": well-formed, but nothing to parse
+            text, finish = "Sorry, I cannot help with that.", "stop"
+        usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4,
+                 "total_tokens": len(prompt) // 4 + len(text) // 4}
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                   "finish_reason": finish} if chat else
+                  {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+        return {"id": f"cmpl-{rid}", "object": "chat.completion" if chat else "text_completion",
+                "created": 0, "model": body["model"], "choices": [choice], "usage": usage}
+
+    # -- the Batch API -------------------------------------------------------------------
+    def _upload(self, content_type: str, raw: bytes) -> dict:
+        boundary = content_type.split("boundary=", 1)[1].strip('"').encode()
+        content, purpose = b"", "batch"
+        for part in raw.split(b"--" + boundary):
+            head, _, data = part.partition(b"\r\n\r\n")
+            data = data[:-2] if data.endswith(b"\r\n") else data
+            if b'name="file"' in head:
+                content = data
+            elif b'name="purpose"' in head:
+                purpose = data.decode()
+        with self._lock:
+            file_id = f"file-{len(self._files)}"
+            self._files[file_id] = content
+        return {"id": file_id, "object": "file", "bytes": len(content), "created_at": 0,
+                "filename": "batch.jsonl", "purpose": purpose, "status": "processed"}
+
+    def _create_batch(self, request: dict) -> dict:
+        chat = request["endpoint"].endswith("/chat/completions")
+        out, errors = [], []
+        with self._lock:
+            batch_id = f"batch_{len(self.batches)}"
+            lines = self._files[request["input_file_id"]].decode().splitlines()
+        for line in lines:
+            row = json.loads(line)
+            rid = row["custom_id"]
+            with self._lock:
+                expire = (_hash("expire", rid) % 1000 < self.expire_rate * 1000
+                          and rid not in self._expired_once)
+                self._expired_once.add(rid)
+            if expire:
+                errors.append({"id": f"req-{rid}", "custom_id": rid, "response": None, "error": {
+                    "code": "batch_expired",
+                    "message": "This request could not be executed before the completion window expired."}})
+                continue
+            body = self.completion(row["body"], chat, rid)
+            out.append({"id": f"req-{rid}", "custom_id": rid, "error": None,
+                        "response": {"status_code": 200, "request_id": f"r-{rid}", "body": body}})
+            with self._lock:
+                self.log.append({"rid": rid, "attempt": 0, "outcome": "ok", "time": time.time(),
+                                 "body": row["body"], "prompt": None, "batch": batch_id})
+        batch = {"id": batch_id, "object": "batch", "endpoint": request["endpoint"], "errors": None,
+                 "input_file_id": request["input_file_id"], "completion_window": request["completion_window"],
+                 "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": 0,
+                 "metadata": request.get("metadata"),
+                 "request_counts": {"total": len(lines), "completed": len(out), "failed": len(errors)}}
+        with self._lock:
+            self.batches.append(batch)
+            self._batch_files[batch_id] = {"out": out, "errors": errors, "polls": 0}
+        return batch
+
+    def _poll_batch(self, batch_id: str) -> dict:
+        states = ("validating", "in_progress", "finalizing")
+        with self._lock:
+            self.polls += 1
+            batch = next(b for b in self.batches if b["id"] == batch_id)
+            files = self._batch_files[batch_id]
+            files["polls"] += 1
+            step = files["polls"] // self.batch_steps
+            if batch["status"] in states and step >= len(states):
+                batch["status"] = "expired" if files["errors"] else "completed"
+                for name, rows in (("output_file_id", files["out"]), ("error_file_id", files["errors"])):
+                    if rows:
+                        file_id = f"file-{len(self._files)}"
+                        self._files[file_id] = "".join(json.dumps(r) + "\n" for r in rows).encode()
+                        batch[name] = file_id
+            elif batch["status"] in states:
+                batch["status"] = states[step]
+            return dict(batch)
 
     def completed_ids(self) -> list[str]:
         with self._lock:
@@ -192,8 +300,38 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _die(self) -> bool:
+                if fake.dead:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                return fake.dead
+
+            def do_GET(self):
+                if self._die():
+                    return
+                path = self.path.split("?")[0]
+                if path.endswith("/content"):
+                    with fake._lock:
+                        data = fake._files[path.split("/")[-2]]
+                    self._send(200, data, {"Content-Type": "application/octet-stream"})
+                elif path.endswith("/batches"):
+                    with fake._lock:
+                        listing = {"object": "list", "data": list(fake.batches), "has_more": False}
+                    self._send(200, json.dumps(listing).encode())
+                else:
+                    self._send(200, json.dumps(fake._poll_batch(path.split("/")[-1])).encode())
+
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self._die():
+                    return
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path.endswith("/files"):
+                    self._send(200, json.dumps(fake._upload(self.headers["Content-Type"], raw)).encode())
+                    return
+                body = json.loads(raw)
+                if self.path.endswith("/batches"):
+                    self._send(200, json.dumps(fake._create_batch(body)).encode())
+                    return
                 chat = self.path.endswith("/chat/completions")
                 prompt = body["messages"][-1]["content"] if chat else body["prompt"]
                 rid = self.headers.get("X-Alpaca-Jax-Request") or str(_hash(prompt))
@@ -222,18 +360,7 @@ class FakeOpenAI:
                     self._send(200, json.dumps({"id": f"cmpl-{rid}", "object": "text_completion",
                                                 "model": body["model"], "usage": None}).encode())
                 else:
-                    text, finish = fake.reply(prompt)
-                    text, stopped = apply_stop(text, body.get("stop"))
-                    finish = "stop" if stopped else finish
-                    if fault == "garbage":           # "no_task": well-formed, but nothing to parse
-                        text, finish = "Sorry, I cannot help with that.", "stop"
-                    usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4,
-                             "total_tokens": len(prompt) // 4 + len(text) // 4}
-                    choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                               "finish_reason": finish} if chat else
-                              {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-                    reply = {"id": f"cmpl-{rid}", "object": "chat.completion" if chat else "text_completion",
-                             "created": 0, "model": body["model"], "choices": [choice], "usage": usage}
+                    reply = fake.completion(body, chat, rid, garbage=fault == "garbage")
                     self._send(200, json.dumps(reply).encode())
                 with fake._lock:
                     fake.log.append(entry)
