@@ -30,7 +30,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
@@ -333,6 +333,10 @@ class _Guard:
             await send(message)
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # A client that hung up (the chat page's Stop): normal, nothing to answer. Uvicorn
+            # today (ASGI 2.3) cancels the stream instead; servers speaking ASGI 2.4 raise this.
+            log.debug("client disconnected from %s", scope["path"])
         except Exception:  # noqa: BLE001 - logged here, answered as JSON
             log.exception("request failed")
             if not started:

@@ -20,6 +20,8 @@ from selenium.webdriver.support.ui import Select
 from alpaca_jax.eval import evaluate, load_judge_config
 from alpaca_jax.train import read_metrics
 
+# A reference that would break out of the page's JSON or run as HTML if either were not escaped.
+HOSTILE = 'The lantern is old.</script><script>document.title = "pwned"</script> & <b>bold</b> \u2028'
 TOPICS = "volcano harbor orchestra glacier bicycle lantern meadow compass saffron tundra quartz falcon".split()
 CATEGORIES = ("Grammarly", "Gmail", "Wikipedia")
 
@@ -28,7 +30,8 @@ def _rows() -> list[dict]:
     """12 Self-Instruct user-oriented rows, one topic word each (so a search can single one out)."""
     return [{"id": f"user_oriented_task_{i}", "motivation_app": CATEGORIES[i % 3],
              "instruction": f"Describe the {topic} in one sentence.",
-             "instances": [{"input": f"near the {i}th mile" if i % 2 else "", "output": f"The {topic} is old."}]}
+             "instances": [{"input": f"near the {i}th mile" if i % 2 else "",
+                            "output": HOSTILE if topic == "lantern" else f"The {topic} is old."}]}
             for i, topic in enumerate(TOPICS)]
 
 
@@ -106,6 +109,12 @@ def test_verdict_filters_show_what_the_judges_rule_gives(report, browser):
     texts = browser.execute_script("return arguments[0].textContent", card)
     assert "Both answers were read carefully." in texts  # the fake judge's reply
     assert report.rows[lost]["instances"][0]["output"] in texts
+
+
+def test_texts_are_shown_as_text(report, browser):
+    card = browser.find_element(By.CSS_SELECTOR, f'.item[data-index="{TOPICS.index("lantern")}"]')
+    shown = browser.execute_script("return arguments[0].querySelector('.answer.reference .text').textContent", card)
+    assert shown == HOSTILE and browser.title == "alpaca-jax eval"
 
 
 def test_search_finds_an_instruction_by_a_word(report, browser):

@@ -118,7 +118,7 @@ def test_streamed_answers_equal_the_api_and_the_second_turn_carries_the_first(pa
     screenshot(browser, "chat")
 
 
-def test_stop_cuts_the_stream_and_the_server_stays_healthy(page, browser):
+def test_stop_cuts_the_stream_and_the_server_stays_healthy(page, browser, caplog):
     browser.find_element(By.ID, "clear").click()
     _set(browser, "max_tokens", "150")
     page.recorder.throttle_s = 0.05  # ~20 chunks a second: Stop lands mid-stream
@@ -132,6 +132,7 @@ def test_stop_cuts_the_stream_and_the_server_stays_healthy(page, browser):
         assert browser.find_elements(By.CSS_SELECTOR, ".msg.assistant.stopped")
         wait_for(lambda: page.recorder.requests[-1]["finished"], what="the server to end the request")
         assert not page.recorder.requests[-1]["done_sent"]  # the server saw the hang-up and stopped
+        assert not [r for r in caplog.records if r.levelno >= 30]  # quietly: a hang-up is no error
     finally:
         page.recorder.throttle_s = 0.0
     turn = [{"role": "user", "content": "The sum of 3"}]
@@ -156,10 +157,21 @@ def test_a_wrong_api_key_shows_the_servers_error(tiny_model_loaded, browser, mon
         browser.find_element(By.ID, "savekey").click()
         # The server's own message (serve.py's 401 body), shown again after the wrong key.
         assert wait_for(shown, what="the error") == "missing or wrong API key (send 'Authorization: Bearer <key>')"
+        _set(browser, "prompt", "Add 1 and 2.")
+        browser.find_element(By.ID, "send").click()  # a chat request with the wrong key
+        errors = lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.error .content")  # noqa: E731
+        assert wait_for(errors, what="the error")[0].text == shown()
+        assert browser.find_element(By.ID, "prompt").get_attribute("value") == "Add 1 and 2."  # back to be resent
         _set(browser, "apikey", "s3cret")
         browser.find_element(By.ID, "savekey").click()
         wait_for(lambda: _options(browser) == [NAME], what="the models with the right key")
         assert not browser.find_element(By.ID, "keybox").is_displayed()
+        _set(browser, "temperature", "0")
+        _set(browser, "max_tokens", "8")
+        browser.find_element(By.ID, "send").click()
+        wait_for(lambda: _answers(browser) and _idle(browser), what="the answer with the right key")
+        client = openai.OpenAI(base_url=running.base_url, api_key="s3cret", max_retries=0, timeout=120)
+        assert _answers(browser) == [_greedy(client, [{"role": "user", "content": "Add 1 and 2."}], 8)]
 
 
 def test_no_ui_turns_the_page_off(tiny_model_loaded):
