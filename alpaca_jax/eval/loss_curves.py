@@ -61,44 +61,46 @@ def loss_curves_svg(curves: list[Curve]) -> str:
     y_low, y_high = max(0.0, y_low - pad), y_high + pad
     width, height = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
 
-    def px(x: float, y: float) -> str:
-        return f"{_LEFT + (x - x_low) / (x_high - x_low) * width:.1f},{_TOP + (y_high - y) / (y_high - y_low) * height:.1f}"
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (_LEFT + (x - x_low) / (x_high - x_low) * width, _TOP + (y_high - y) / (y_high - y_low) * height)
+
+    def polyline(points, kind: str, run: str, color: str, dash: str = "") -> str:
+        coords = " ".join(f"{px_:.1f},{py_:.1f}" for px_, py_ in (px(x, y) for x, y in points))
+        return (f'<polyline class="{kind}" data-run="{run}" fill="none" stroke="{color}" stroke-width="1.6"'
+                f'{dash} points="{coords}"/>')
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="loss-curves" viewBox="0 0 {_W} {_H}" '
              f'width="{_W}" height="{_H}" role="img" aria-label="loss against tokens seen" '
              f'font-family="system-ui, sans-serif" font-size="11">']
     for y in _ticks(y_low, y_high):
         if y_low <= y <= y_high:
-            x0, y0 = px(x_low, y).split(",")
-            parts.append(f'<line x1="{_LEFT}" x2="{_LEFT + width}" y1="{y0}" y2="{y0}" stroke="#e3e6eb"/>'
-                         f'<text x="{_LEFT - 6}" y="{float(y0) + 4:.1f}" text-anchor="end" fill="#555">{y:g}</text>')
+            y0 = px(x_low, y)[1]
+            parts.append(f'<line x1="{_LEFT}" x2="{_LEFT + width}" y1="{y0:.1f}" y2="{y0:.1f}" stroke="#e3e6eb"/>'
+                         f'<text x="{_LEFT - 6}" y="{y0 + 4:.1f}" text-anchor="end" fill="#555">{y:g}</text>')
     for x in _ticks(x_low, x_high):
         if x <= x_high:
-            x0, _ = px(x, y_low).split(",")
-            parts.append(f'<text x="{x0}" y="{_TOP + height + 16}" text-anchor="middle" fill="#555">{_label(x)}</text>')
+            parts.append(f'<text x="{px(x, y_low)[0]:.1f}" y="{_TOP + height + 16}" text-anchor="middle" '
+                         f'fill="#555">{_label(x)}</text>')
     parts.append(f'<rect x="{_LEFT}" y="{_TOP}" width="{width}" height="{height}" fill="none" stroke="#aab"/>'
                  f'<text x="{_LEFT + width / 2}" y="{_H - 6}" text-anchor="middle" fill="#333">tokens seen</text>'
-                 f'<text transform="translate(14 {_TOP + height / 2}) rotate(-90)" text-anchor="middle" fill="#333">loss</text>')
-    legend_y = _TOP + 8
+                 f'<text transform="translate(14 {_TOP + height / 2}) rotate(-90)" text-anchor="middle" '
+                 f'fill="#333">loss</text>')
+    legend_x, legend_y = _LEFT + width + 12, _TOP + 8
+
+    def legend(color: str, text: str, dash: str = "") -> str:
+        return (f'<line x1="{legend_x}" x2="{legend_x + 18}" y1="{legend_y}" y2="{legend_y}" stroke="{color}" '
+                f'stroke-width="2"{dash}/><text x="{legend_x + 24}" y="{legend_y + 4}" fill="#222">{text}</text>')
+
+    dashed = ' stroke-dasharray="5 3"'
     for i, (name, train, held_out) in enumerate(curves):
         color, label = COLORS[i % len(COLORS)], html.escape(name)
         if train:
-            parts.append(f'<polyline class="train" data-run="{label}" fill="none" stroke="{color}" stroke-width="1.6" '
-                         f'points="{" ".join(px(x, y) for x, y in train)}"/>')
-        if held_out:
-            parts.append(f'<polyline class="eval" data-run="{label}" fill="none" stroke="{color}" stroke-width="1.6" '
-                         f'stroke-dasharray="5 3" points="{" ".join(px(x, y) for x, y in held_out)}"/>')
-            parts += [f'<circle cx="{px(x, y).split(",")[0]}" cy="{px(x, y).split(",")[1]}" r="2.6" fill="{color}"/>'
-                      for x, y in held_out]
-        if train or held_out:
-            lx = _LEFT + width + 12
-            parts.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{legend_y}" y2="{legend_y}" stroke="{color}" stroke-width="2"/>'
-                         f'<text x="{lx + 24}" y="{legend_y + 4}" fill="#222">{label} train</text>')
+            parts += [polyline(train, "train", label, color), legend(color, f"{label} train")]
             legend_y += 16
-            if held_out:
-                parts.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{legend_y}" y2="{legend_y}" stroke="{color}" '
-                             f'stroke-width="2" stroke-dasharray="5 3"/>'
-                             f'<text x="{lx + 24}" y="{legend_y + 4}" fill="#222">{label} eval</text>')
-                legend_y += 16
+        if held_out:
+            parts += [polyline(held_out, "eval", label, color, dashed), legend(color, f"{label} eval", dashed)]
+            parts += [f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="2.6" fill="{color}"/>'
+                      for cx, cy in (px(x, y) for x, y in held_out)]
+            legend_y += 16
     parts.append("</svg>")
     return "".join(parts)
