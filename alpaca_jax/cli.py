@@ -118,8 +118,9 @@ def _parser() -> argparse.ArgumentParser:
                     "generations for FILE's instructions saved in AlpacaEval's model-outputs layout, "
                     "ROUGE-L against the references and, with --judge, a pairwise LLM judge of every "
                     "run against the baseline (both answer orders; win rate, bootstrap 95% CI, "
-                    "per-category breakdown, position consistency). Writes OUT_DIR/results.json and "
-                    "OUT_DIR/results.md (one row per run). Rerun into the same OUT_DIR to resume: judge "
+                    "per-category breakdown, position consistency). Writes OUT_DIR/results.json, "
+                    "OUT_DIR/results.md (one row per run) and OUT_DIR/index.html (a self-contained page: "
+                    "the table, every answer side by side with the verdicts, loss curves). Rerun into the same OUT_DIR to resume: judge "
                     "replies already paid for come from OUT_DIR/judge_journal.jsonl.",
         epilog="FILE layouts: Alpaca JSON/JSONL, Self-Instruct user-oriented JSONL (categories from "
                "motivation_app), AlpacaEval. See README 'Evaluation'.")

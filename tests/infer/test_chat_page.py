@@ -23,10 +23,11 @@ NAME = "tiny"
 
 class Recorder:
     """ASGI wrapper: what the server received on /v1/chat/completions and whether each stream
-    reached `[DONE]`; `throttle_s` slows the response so a test can press Stop mid-stream."""
+    reached `[DONE]`. With `hold` set, a stream pauses after its first text (up to 60 s), so a
+    test can press Stop mid-stream however fast the model decodes."""
 
     def __init__(self, app):
-        self.app, self.requests, self.throttle_s = app, [], 0.0
+        self.app, self.requests, self.hold = app, [], False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
@@ -40,13 +41,14 @@ class Recorder:
                 entry["body"] += message.get("body", b"")
             return message
 
-        async def slow_send(message):
-            if message["type"] == "http.response.body":
-                entry["done_sent"] |= b"data: [DONE]" in message.get("body", b"")
-                await asyncio.sleep(self.throttle_s)
+        async def holding_send(message):
             await send(message)
+            body = message.get("body", b"") if message["type"] == "http.response.body" else b""
+            entry["done_sent"] |= b"data: [DONE]" in body
+            if self.hold and b'"delta": {"content": ' in body:
+                await asyncio.sleep(60)  # cancelled when the client hangs up
         try:
-            await self.app(scope, recording_receive, slow_send)
+            await self.app(scope, recording_receive, holding_send)
         finally:
             entry["finished"] = True
 
@@ -120,8 +122,8 @@ def test_streamed_answers_equal_the_api_and_the_second_turn_carries_the_first(pa
 
 def test_stop_cuts_the_stream_and_the_server_stays_healthy(page, browser, caplog):
     browser.find_element(By.ID, "clear").click()
-    _set(browser, "max_tokens", "150")
-    page.recorder.throttle_s = 0.05  # ~20 chunks a second: Stop lands mid-stream
+    _set(browser, "max_tokens", "40")
+    page.recorder.hold = True  # the stream pauses after its first text: Stop lands mid-stream
     try:
         _set(browser, "prompt", "The sum of 3")
         browser.find_element(By.ID, "send").click()
@@ -134,9 +136,9 @@ def test_stop_cuts_the_stream_and_the_server_stays_healthy(page, browser, caplog
         assert not page.recorder.requests[-1]["done_sent"]  # the server saw the hang-up and stopped
         assert not [r for r in caplog.records if r.levelno >= 30]  # quietly: a hang-up is no error
     finally:
-        page.recorder.throttle_s = 0.0
+        page.recorder.hold = False
     turn = [{"role": "user", "content": "The sum of 3"}]
-    full = _greedy(page.client, turn, 150)  # the server answers the next request
+    full = _greedy(page.client, turn, 40)  # the server answers the next request
     assert full.startswith(stopped) and len(stopped) < len(full)
     browser.find_element(By.ID, "regenerate").click()  # the page asks again, for the same conversation
     wait_for(lambda: _idle(browser) and not browser.find_elements(By.CSS_SELECTOR, ".msg.assistant.stopped"),
