@@ -119,8 +119,9 @@ def _parser() -> argparse.ArgumentParser:
                     "generations for FILE's instructions saved in AlpacaEval's model-outputs layout, "
                     "ROUGE-L against the references and, with --judge, a pairwise LLM judge of every "
                     "run against the baseline (both answer orders; win rate, bootstrap 95% CI, "
-                    "per-category breakdown, position consistency). Writes OUT_DIR/results.json and "
-                    "OUT_DIR/results.md (one row per run). Rerun into the same OUT_DIR to resume: judge "
+                    "per-category breakdown, position consistency). Writes OUT_DIR/results.json, "
+                    "OUT_DIR/results.md (one row per run) and OUT_DIR/index.html (a self-contained page: "
+                    "the table, every answer side by side with the verdicts, loss curves). Rerun into the same OUT_DIR to resume: judge "
                     "replies already paid for come from OUT_DIR/judge_journal.jsonl.",
         epilog="FILE layouts: Alpaca JSON/JSONL, Self-Instruct user-oriented JSONL (categories from "
                "motivation_app), AlpacaEval. See README 'Evaluation'.")
@@ -163,7 +164,8 @@ def _parser() -> argparse.ArgumentParser:
                     "stop, max_tokens, temperature, top_p, seed, usage). Concurrent requests "
                     "share decode steps (a request joins the running batch at the next step). "
                     "Usable as the teacher of `alpaca-jax generate` "
-                    "(teacher.base_url=http://HOST:PORT/v1).")
+                    "(teacher.base_url=http://HOST:PORT/v1). A chat page for the browser is at "
+                    "http://HOST:PORT/ (--no-ui turns it off).")
     serve.add_argument("model", metavar="MODEL", help=model_help)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -171,6 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-env", metavar="NAME",
                        help="require 'Authorization: Bearer $NAME' (the key is read from this environment variable)")
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most (default 16)")
+    serve.add_argument("--no-ui", dest="ui", action="store_false",
+                       help="do not serve the chat page at / (the API only)")
 
     for name, text in (("generate", "generate instruction data with a teacher LLM (Self-Instruct / Alpaca)"),
                        ("dedup", "drop near-duplicate instructions by ROUGE-L (rouge-score semantics)"),
@@ -285,7 +289,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         preflight.check_model_sources([args.model], "model directory")
         from alpaca_jax.serve import ServeConfig, api_key_from_env, serve
         serve(args.model, ServeConfig(host=args.host, port=args.port, model_name=args.model_name,
-                                      api_key=api_key_from_env(args.api_key_env), max_batch=args.max_batch))
+                                      api_key=api_key_from_env(args.api_key_env), max_batch=args.max_batch,
+                                      ui=args.ui))
     return 0
 
 

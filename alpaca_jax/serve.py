@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server over `alpaca_jax.infer` (Starlette + Uvicorn).
 
-Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, with
+Endpoints: `GET /` (the chat page, alpaca_jax/web/chat.html; off with `ui=False`),
+`GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, with
 `stream=true` (server-sent events as the `openai` client reads them), `n`, `stop`,
 `max_tokens`, `temperature`, `top_p`, `seed` and `usage`. Requests are decoded by one
 `BatchingEngine`: concurrent requests share decode steps. Chat messages are rendered with the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.resources
 import json
 import logging
 import os
@@ -28,8 +30,8 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from alpaca_jax.configlib import ConfigError
@@ -40,6 +42,10 @@ from alpaca_jax.infer.conversation import ConversationError, conversation_prompt
 log = logging.getLogger("alpaca_jax")
 
 MAX_CHOICES = 16  # largest `n` one request may ask for
+# The page may talk to this server only: a stray link or script cannot send the conversation
+# (or the API key) anywhere else.
+_PAGE_POLICY = ("default-src 'none'; connect-src 'self'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; form-action 'none'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +57,7 @@ class ServeConfig:
     api_key: str | None = None         # when set, requests need `Authorization: Bearer <key>`
     max_batch: int = 16                # rows decoded together at most
     gather_ms: float = 10.0            # milliseconds an idle engine waits for more requests to batch
+    ui: bool = True                    # serve the chat page at `/` (`--no-ui` turns it off)
 
 
 class RequestError(ValueError):
@@ -296,8 +303,14 @@ class _Reply:
         return f"data: {json.dumps(body)}\n\n"
 
 
+def chat_page() -> str:
+    """The chat page's HTML (package data)."""
+    return (importlib.resources.files("alpaca_jax") / "web" / "chat.html").read_text(encoding="utf-8")
+
+
 class _Guard:
-    """ASGI middleware: the API key, and a JSON 500 (never a traceback) for anything unexpected."""
+    """ASGI middleware: the API key, and a JSON 500 (never a traceback) for anything unexpected.
+    The chat page itself is public (it holds no data): it is what asks for the key."""
 
     def __init__(self, app, api_key: str | None):
         self.app, self.api_key = app, api_key
@@ -305,7 +318,7 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.api_key is not None:
+        if self.api_key is not None and scope["path"] != "/":
             headers = dict(scope.get("headers") or [])
             given = headers.get(b"authorization", b"").decode("latin-1")
             if not secrets.compare_digest(given, f"Bearer {self.api_key}"):
@@ -320,6 +333,10 @@ class _Guard:
             await send(message)
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # A client that hung up (the chat page's Stop): normal, nothing to answer. Uvicorn
+            # today (ASGI 2.3) cancels the stream instead; servers speaking ASGI 2.4 raise this.
+            log.debug("client disconnected from %s", scope["path"])
         except Exception:  # noqa: BLE001 - logged here, answered as JSON
             log.exception("request failed")
             if not started:
@@ -341,9 +358,16 @@ def make_app(model: LoadedModel, cfg: ServeConfig = ServeConfig(), engine: Batch
         yield
         await asyncio.to_thread(engine.close)
 
-    app = Starlette(routes=[Route("/v1/models", server.models, methods=["GET"]),
-                            Route("/v1/completions", server.completions, methods=["POST"]),
-                            Route("/v1/chat/completions", server.chat_completions, methods=["POST"])],
+    routes = [Route("/v1/models", server.models, methods=["GET"]),
+              Route("/v1/completions", server.completions, methods=["POST"]),
+              Route("/v1/chat/completions", server.chat_completions, methods=["POST"])]
+    if cfg.ui:
+        page = chat_page()
+
+        async def index(request: Request) -> HTMLResponse:
+            return HTMLResponse(page, headers={"Content-Security-Policy": _PAGE_POLICY, "Cache-Control": "no-cache"})
+        routes.append(Route("/", index, methods=["GET"]))
+    app = Starlette(routes=routes,
                     middleware=[Middleware(_Guard, api_key=cfg.api_key)],
                     exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
     app.state.engine = engine
@@ -391,6 +415,7 @@ def serve(source: str, cfg: ServeConfig = ServeConfig()) -> None:
     from alpaca_jax.infer import load_model
     model = load_model(source)
     app = make_app(model, cfg)
-    log.info("serving %s as '%s' on http://%s:%d/v1 (context %d tokens)", source,
-             cfg.model_name or model.name, cfg.host, cfg.port, model.max_len)
+    log.info("serving %s as '%s' on http://%s:%d/v1 (context %d tokens)%s", source,
+             cfg.model_name or model.name, cfg.host, cfg.port, model.max_len,
+             f"; chat page at http://{cfg.host}:{cfg.port}/" if cfg.ui else "")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

@@ -3,6 +3,7 @@ scripted judge policy, and the judge config pointing at it."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -42,6 +43,22 @@ def prefers_good(a: str, b: str) -> str:
     if ("GOOD" in a) == ("GOOD" in b):
         return "tie"
     return "A" if "GOOD" in a else "B"
+
+
+def by_digest(a: str, b: str) -> str:
+    """A verdict that is a fixed function of the two answers, for answers no rule can grade
+    (a random model's): a digest of the unordered pair picks one of four cases, so each kind
+    of outcome occurs: the answer that sorts first wins (in both orders), the other one wins,
+    a tie, or always "A" (position-biased: its two orders disagree). Equal answers tie."""
+    if a == b:
+        return "tie"
+    first, second = sorted((a, b))
+    case = hashlib.sha256(f"{first}\0{second}".encode()).digest()[0] % 4
+    if case == 2:
+        return "tie"
+    if case == 3:
+        return "A"
+    return "A" if (first if case == 0 else second) == a else "B"
 
 
 def write_judge_config(path: Path, url: str, **judge) -> Path:

@@ -7,13 +7,16 @@ package scores finished runs (`alpaca-jax eval`) and reuses that computation for
 from alpaca_jax.eval.config import JudgeConfig, PairwiseConfig, load_judge_config
 from alpaca_jax.eval.dataset import EvalItem, load_eval_file
 from alpaca_jax.eval.judge import JudgeError, Matchup, judge_matchups, open_judge, parse_verdict
+from alpaca_jax.eval.loss_curves import loss_curves_svg
 from alpaca_jax.eval.outputs import read_model_outputs, write_model_outputs
 from alpaca_jax.eval.report import markdown_table
+from alpaca_jax.eval.report_page import write_report_page
 from alpaca_jax.eval.rouge import mean_rouge_l, rouge_l
 from alpaca_jax.eval.runner import REFERENCES, EvalError, evaluate
 from alpaca_jax.eval.stats import PairVerdicts, bootstrap_interval, summarize
 
 __all__ = ["JudgeConfig", "PairwiseConfig", "load_judge_config", "EvalItem", "load_eval_file",
            "JudgeError", "Matchup", "judge_matchups", "open_judge", "parse_verdict",
-           "read_model_outputs", "write_model_outputs", "markdown_table", "mean_rouge_l", "rouge_l",
+           "read_model_outputs", "write_model_outputs", "markdown_table", "write_report_page",
+           "loss_curves_svg", "mean_rouge_l", "rouge_l",
            "REFERENCES", "EvalError", "evaluate", "PairVerdicts", "bootstrap_interval", "summarize"]

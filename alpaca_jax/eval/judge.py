@@ -119,6 +119,7 @@ def judge_matchups(teacher: Teacher, cfg: JudgeConfig, matchups: list[Matchup],
             verdicts.append(PairVerdicts(
                 index=i, category=matchup.categories[i],
                 x_first=_side(parse_verdict(a.text if a else None), x_shown_first=True),
-                y_first=_side(parse_verdict(b.text if b else None), x_shown_first=False)))
+                y_first=_side(parse_verdict(b.text if b else None), x_shown_first=False),
+                x_first_reply=a.text if a else None, y_first_reply=b.text if b else None))
         results.append(verdicts)
     return results

@@ -4,7 +4,8 @@ For each RUN (a run directory, one checkpoint, an import-hf output, a local HF d
 AlpacaEval model-outputs JSON file): perplexity on the file's reference answers, greedy (or
 configured) generations saved in AlpacaEval's layout, ROUGE-L against the references, and,
 with a judge config, pairwise judging of every run against the baseline (the file's
-references, or one of the runs). Results go to OUT_DIR/results.json and OUT_DIR/results.md.
+references, or one of the runs). Results go to OUT_DIR/results.json and OUT_DIR/results.md, and
+to OUT_DIR/index.html, a self-contained page with every answer side by side (report_page.py).
 
 Rerunning into the same OUT_DIR after a kill regenerates answers (free, deterministic) and
 replays every judge reply from the journal (paid once).
@@ -24,6 +25,7 @@ from alpaca_jax.eval.dataset import EvalItem, load_eval_file
 from alpaca_jax.eval.judge import Matchup, judge_matchups, open_judge
 from alpaca_jax.eval.outputs import read_model_outputs, write_model_outputs
 from alpaca_jax.eval.report import markdown_table
+from alpaca_jax.eval.report_page import write_report_page
 from alpaca_jax.eval.rouge import mean_rouge_l
 from alpaca_jax.eval.stats import summarize
 
@@ -93,7 +95,7 @@ def _resolve_baseline(baseline: str | None, runs: list[str], names: list[str], h
 def evaluate(runs: list[str], data: str, out_dir: str | Path, *, judge: JudgeConfig | None = None,
              baseline: str | None = None, sampling=None, max_new_tokens: int = 256, batch_size: int = 16,
              limit: int | None = None, progress: bool = True) -> dict:
-    """Evaluate `runs` on `data`; writes OUT_DIR/{results.json, results.md, model_outputs/}.
+    """Evaluate `runs` on `data`; writes OUT_DIR/{results.json, results.md, index.html, model_outputs/}.
     `sampling` is an infer.SamplingConfig (default: greedy, `max_new_tokens` long)."""
     items = load_eval_file(data)[:limit]
     for run in runs:  # fail before any work, naming the first missing one
@@ -116,13 +118,16 @@ def evaluate(runs: list[str], data: str, out_dir: str | Path, *, judge: JudgeCon
         rows, outputs = _answer_all(runs, items, out_dir, sampling, max_new_tokens, batch_size, has_refs)
         results = {"data": str(data), "instructions": len(items), "references": has_refs,
                    "skipped": skipped, "baseline": None, "runs": rows}
+        verdicts = {}
         if teacher is not None:
-            results.update(_judge(teacher, judge, items, runs, rows, outputs, baseline, has_refs, data, progress))
+            judged, verdicts = _judge(teacher, judge, items, runs, rows, outputs, baseline, has_refs, data, progress)
+            results.update(judged)
     finally:
         if teacher is not None:
             teacher.journal.close()
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out_dir / "results.md").write_text(markdown_table(results), encoding="utf-8")
+    write_report_page(out_dir, results, items, outputs, verdicts)
     return results
 
 
@@ -152,8 +157,9 @@ def _answer_all(runs, items, out_dir: Path, sampling, max_new_tokens: int, batch
 
 
 def _judge(teacher, cfg: JudgeConfig, items, runs, rows, outputs, baseline, has_refs, data,
-           progress: bool) -> dict:
-    """Every run but the baseline against the baseline; fills each row's `judge` entry."""
+           progress: bool) -> tuple[dict, dict]:
+    """Every run but the baseline against the baseline; fills each row's `judge` entry.
+    Returns the results' judge fields, and each judged run's verdicts by its name."""
     names = [r["name"] for r in rows]
     base_name, base_index = _resolve_baseline(baseline, runs, names, has_refs, data)
     base_outputs = [i.reference for i in items] if base_index is None else outputs[base_index]
@@ -166,8 +172,9 @@ def _judge(teacher, cfg: JudgeConfig, items, runs, rows, outputs, baseline, has_
     for k, pairs in zip(contenders, verdicts):
         rows[k]["judge"] = summarize(pairs, cfg.pairwise.bootstrap_samples, cfg.pairwise.seed)
     stats = teacher.stats
-    return {"baseline": base_name, "judge": {
+    fields = {"baseline": base_name, "judge": {
         "model": cfg.judge.model, "base_url": cfg.judge.base_url, "prompt": str(cfg.pairwise.prompt_path),
         "requests_sent": stats.sent, "answered_from_journal": stats.from_journal, "failed": stats.failed,
         "skipped_for_budget": stats.skipped_for_budget, "prompt_tokens": teacher.budget.prompt_tokens,
         "completion_tokens": teacher.budget.completion_tokens, "cost_usd": teacher.budget.cost_usd}}
+    return fields, {names[k]: pairs for k, pairs in zip(contenders, verdicts)}

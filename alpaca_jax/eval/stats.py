@@ -31,6 +31,8 @@ class PairVerdicts:
     category: str | None
     x_first: str | None       # x shown as answer A
     y_first: str | None       # y shown as answer A
+    x_first_reply: str | None = None   # the judge's whole replies (its reasoning), for the HTML
+    y_first_reply: str | None = None   # report; never scored
 
     @property
     def judgments(self) -> list[str]:

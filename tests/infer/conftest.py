@@ -1,5 +1,5 @@
-"""A tiny run directory shared by the inference tests: random weights scaled up so greedy
-choices are clear-cut (no near-ties for float noise to flip), and a byte-level BPE."""
+"""Inference fixtures over the shared tiny run (tests/conftest.py): the loaded model, and a
+long-context twin."""
 
 from __future__ import annotations
 
@@ -8,11 +8,6 @@ from pathlib import Path
 import pytest
 
 from helpers import make_tiny_run
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("infer") / "tiny-run")
 
 
 @pytest.fixture(scope="session")
