@@ -139,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
                             "JAX backend offline, each task's metrics and stderr added to the run's row")
     eval_.add_argument("--include-path", metavar="DIR", help="a directory of lm-eval task YAML files (local data)")
     eval_.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples per task prompt (default: the task's own)")
+    eval_.add_argument("--apply-chat-template", action="store_true",
+                       help="render task prompts through the run's chat template (data.template), as chat/serve do")
     model_help = ("a run directory (latest checkpoint), RUN/checkpoints/STEP, an import-hf output "
                   "or a local Hugging Face LLaMA directory")
     chat = sub.add_parser(
@@ -319,7 +321,8 @@ def _eval(args: argparse.Namespace) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else None
     results = evaluate(args.runs, args.data, args.out, judge=judge, baseline=args.baseline,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
-                       tasks=tasks, include_path=args.include_path, num_fewshot=args.num_fewshot)
+                       tasks=tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                       apply_chat_template=args.apply_chat_template)
     print(markdown_table(results), end="")
 
 

@@ -94,18 +94,19 @@ class TaskRun:
     include_path: str | None = None
     num_fewshot: int | None = None
     limit: int | None = None
+    apply_chat_template: bool = False
 
     def scores(self, model, batch_size: int) -> dict:
         from alpaca_jax.eval.harness import task_scores
         return task_scores(model, list(self.names), manager=self.manager, num_fewshot=self.num_fewshot,
-                           limit=self.limit, batch_size=batch_size)
+                           limit=self.limit, apply_chat_template=self.apply_chat_template, batch_size=batch_size)
 
     def summary(self) -> dict:
         return {"names": list(self.names), "include_path": self.include_path, "num_fewshot": self.num_fewshot,
-                "limit": self.limit}
+                "limit": self.limit, "apply_chat_template": self.apply_chat_template}
 
 
-def _task_run(tasks, include_path, num_fewshot, limit) -> TaskRun | None:
+def _task_run(tasks, include_path, num_fewshot, limit, apply_chat_template=False) -> TaskRun | None:
     if not tasks:
         return None
     try:
@@ -117,7 +118,7 @@ def _task_run(tasks, include_path, num_fewshot, limit) -> TaskRun | None:
     if num_fewshot is not None and num_fewshot < 0:
         raise EvalError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     return TaskRun(tuple(tasks), load_tasks(list(tasks), include_path),
-                   None if include_path is None else str(include_path), num_fewshot, limit)
+                   None if include_path is None else str(include_path), num_fewshot, limit, apply_chat_template)
 
 
 def _count(values) -> dict[str, int]:
@@ -146,7 +147,8 @@ def _resolve_baseline(baseline: str | None, runs: list[str], names: list[str], h
 def evaluate(runs: list[str], data: str | None, out_dir: str | Path, *, judge: JudgeConfig | None = None,
              baseline: str | None = None, sampling=None, max_new_tokens: int = 256, batch_size: int = 16,
              limit: int | None = None, progress: bool = True, tasks: list[str] | None = None,
-             include_path: str | Path | None = None, num_fewshot: int | None = None) -> dict:
+             include_path: str | Path | None = None, num_fewshot: int | None = None,
+             apply_chat_template: bool = False) -> dict:
     """Evaluate `runs` on `data` and/or lm-eval `tasks` (from `include_path` or lm-eval's own);
     writes OUT_DIR/{results.json, results.md, model_outputs/}. `sampling` is an
     infer.SamplingConfig (default: greedy, `max_new_tokens` long); `limit` caps the eval file's
@@ -159,7 +161,7 @@ def evaluate(runs: list[str], data: str | None, out_dir: str | Path, *, judge: J
         if not Path(run).exists():
             raise EvalError(f"run not found: {run}")
     items = load_eval_file(data)[:limit] if data is not None else []
-    task_run = _task_run(tasks, include_path, num_fewshot, limit)  # a bad task fails before models load
+    task_run = _task_run(tasks, include_path, num_fewshot, limit, apply_chat_template)  # a bad task fails before models load
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with_refs = [i for i in items if i.reference is not None]

@@ -133,6 +133,23 @@ def test_cli_puts_task_metrics_with_stderr_in_the_results(setup, both, tmp_path,
     assert acc["value"] == pytest.approx(np.mean(expected))
     assert acc["stderr"] == pytest.approx(np.std(expected, ddof=1) / np.sqrt(8))
     assert results["tasks"] == {"names": ["ajx_mc"], "include_path": str(setup["tasks"]), "num_fewshot": FEWSHOT,
-                                "limit": 8}
+                                "limit": 8, "apply_chat_template": False}
     table = (tmp_path / "results.md").read_text()
     assert "ajx_mc acc (± stderr)" in table and f"{acc['value']:.4f} ± {acc['stderr']:.4f}" in table
+
+
+def test_chat_template_prompts_equal_the_exported_template(setup, both):
+    """With apply_chat_template, our prompts (the run's template as `chat` renders it) tokenize to
+    the ids the `hf` backend gets from the exported tokenizer's Jinja template, and score alike.
+    Zero shots: the exported Alpaca template takes one user turn."""
+    manager = load_tasks(["ajx_mc"], setup["tasks"])
+    ours_lm = AlpacaJaxLM(load_model(setup["run"]), batch_size=BATCH)
+    hf_lm = HFLM(pretrained=str(setup["hf"]), backend="causal", batch_size=BATCH, device="cpu", dtype=torch.float32)
+    kwargs = dict(manager=manager, num_fewshot=0, limit=6, apply_chat_template=True)
+    ours = _samples(run_tasks(ours_lm, ["ajx_mc"], **kwargs), "ajx_mc")
+    theirs = _samples(run_tasks(hf_lm, ["ajx_mc"], **kwargs), "ajx_mc")
+    assert all(s["arguments"][0][0].startswith("Below is an instruction") for s in ours)
+    assert [ours_lm.tok_encode(s["arguments"][0][0]) for s in ours] == \
+        [hf_lm.tok_encode(s["arguments"][0][0]) for s in theirs]
+    np.testing.assert_allclose([r[0][0] for s in ours for r in s["resps"]],
+                               [r[0][0] for s in theirs for r in s["resps"]], rtol=0, atol=1e-4)
