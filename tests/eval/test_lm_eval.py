@@ -6,6 +6,9 @@ same per-request log-likelihoods, generations and metrics, for a multiple-choice
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +156,21 @@ def test_chat_template_prompts_equal_the_exported_template(setup, both):
         [hf_lm.tok_encode(s["arguments"][0][0]) for s in theirs]
     np.testing.assert_allclose([r[0][0] for s in ours for r in s["resps"]],
                                [r[0][0] for s in theirs for r in s["resps"]], rtol=0, atol=1e-4)
+
+
+def test_scores_on_the_training_mesh_equal_one_device(tmp_path):
+    """A run trained on fsdp=2 x tensor=2 is evaluated on that mesh (4 fake devices): same scores."""
+    import yaml
+    run = make_tiny_run(tmp_path / "run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["mesh"].update(data=1, fsdp=2, tensor=2)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    worker = Path(__file__).with_name("lm_eval_mesh_worker.py")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": os.pathsep.join([str(worker.parents[2]), str(worker.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(worker), str(run)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} and report["wq_devices"] == 4
+    np.testing.assert_allclose([s[0] for s in report["sharded"]], [s[0] for s in report["single"]], rtol=0, atol=1e-4)
+    assert [s[1] for s in report["sharded"]] == [s[1] for s in report["single"]]
