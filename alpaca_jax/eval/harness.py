@@ -39,13 +39,13 @@ def _offline():
     when they are imported, so the module constants are switched as well as the environment."""
     hub = huggingface_hub.constants
     saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    saved = (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+    saved = (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     try:
         yield
     finally:
-        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -54,6 +54,7 @@ __all__ = ["AlpacaJaxLM"]
 
 MIN_CONTINUATION_BUCKET = 4   # shortest continuation length compiled for (tokens fed after a context)
 DEFAULT_MAX_GEN_TOKS = 256    # lm-eval's `hf` default when a task sets no max_gen_toks
+DEFAULT_BATCH_SIZE = 16       # contexts scored (or rows generated) together
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -94,14 +95,17 @@ class AlpacaJaxLM(TemplateLM):
     """
 
     def __init__(self, model: LoadedModel | None = None, *, pretrained: str | None = None,
-                 batch_size: int | str = 16, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, mesh=None,
-                 progress: bool | None = None):
+                 batch_size: int | str = DEFAULT_BATCH_SIZE, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, mesh=None,
+                 progress: bool | None = None, device: str | None = None, max_batch_size: int | None = None):
+        # `device` and `max_batch_size` are what lm-eval's CLI passes every backend; JAX places
+        # the model itself (`mesh`), and batches have a fixed size, so both are ignored.
         super().__init__()
         if (model is None) == (pretrained is None):
             raise ValueError("give either a loaded model or pretrained=PATH")
         self.model = model if model is not None else load_model(pretrained, mesh=mesh)
         self.tokenizer = self.model.tokenizer
-        self.batch_size = int(batch_size)
+        # lm-eval's "auto" searches for the largest batch that fits; ours is a fixed size.
+        self.batch_size = DEFAULT_BATCH_SIZE if str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self._llama = Llama(self.model.config)
         self._progress = sys.stderr.isatty() if progress is None else progress
@@ -206,7 +210,7 @@ class AlpacaJaxLM(TemplateLM):
         longer = [r for r, (_, cont) in enumerate(rows) if len(cont) > 1]
         if not longer:
             return scores
-        row_batch = bucket(len(longer), max(len(longer), 1))
+        row_batch = bucket(len(longer), 2 * len(longer))  # a power of two: few compiled shapes
         fed = np.zeros((row_batch, fed_len), np.int32)
         targets = np.zeros((row_batch, fed_len), np.int32)
         valid = np.zeros((row_batch, fed_len), bool)

@@ -5,8 +5,10 @@ same per-request log-likelihoods, generations and metrics, for a multiple-choice
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,8 +69,29 @@ def both(setup):
     reference = HFLM(pretrained=str(setup["hf"]), backend="causal", batch_size=BATCH, device="cpu",
                      dtype=torch.float32)
     kwargs = dict(manager=manager, num_fewshot=FEWSHOT, limit=LIMIT)
-    return {"ours": run_tasks(ours, TASKS, **kwargs), "hf": run_tasks(reference, TASKS, **kwargs),
-            "tokenizer": reference.tokenizer}
+    with _network_watch() as attempts:
+        results = {"ours": run_tasks(ours, TASKS, **kwargs), "hf": run_tasks(reference, TASKS, **kwargs)}
+    return {**results, "tokenizer": reference.tokenizer, "network": attempts}
+
+
+@contextlib.contextmanager
+def _network_watch():
+    """Every address a socket tries to reach (refused, so nothing leaves the machine)."""
+    attempts = []
+
+    def refuse(address):
+        attempts.append(address)
+        raise OSError(f"network access during an offline task run: {address}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", lambda sock, address: refuse(address))
+        patch.setattr(socket.socket, "connect_ex", lambda sock, address: refuse(address))
+        patch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: refuse(host))
+        yield attempts
+
+
+def test_tasks_run_offline(both):
+    assert both["network"] == []  # lm-eval read the local files only, on both backends
 
 
 def _samples(results, task):
