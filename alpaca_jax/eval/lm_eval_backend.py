@@ -196,7 +196,9 @@ class AlpacaJaxLM(TemplateLM):
         longest_fed = max(len(cont) - 1 for _, cont in rows)
         fed_len = bucket(longest_fed, self.max_length, MIN_CONTINUATION_BUCKET) if longest_fed else 0
         # One cache for contexts and continuations: continuation tokens land after their context.
-        cache_len = cache_bucket(max(lengths) + fed_len, self.max_length + fed_len)
+        # Capped at the context + 1 (a rolling window: 1 prefix token, max_length fed), not
+        # doubled past it: a cache twice the window would double attention's work and memory.
+        cache_len = cache_bucket(max(lengths) + fed_len, self.max_length + 1)
         width = min(prompt_bucket(max(lengths), self.max_length), cache_len)
         ctx_batch = bucket(len(contexts), self.batch_size)
         ids = np.zeros((ctx_batch, width), np.int32)
