@@ -162,6 +162,10 @@ class AlpacaJaxLM(TemplateLM):
 
     # -- log-likelihoods -----------------------------------------------------------------------
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # TemplateLM tokenizes under a progress bar of its own: quiet too when not on a terminal.
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self._progress)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """[((context, continuation) or None, context ids, continuation ids)] -> (log-prob, greedy)
         per request, in order. Too long a pair loses tokens on the left, as in `hf`."""

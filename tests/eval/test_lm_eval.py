@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from lm_eval.models.huggingface import HFLM
 
 from alpaca_jax.cli import main
@@ -181,10 +183,9 @@ def test_chat_template_prompts_equal_the_exported_template(setup, both):
                                [r[0][0] for s in theirs for r in s["resps"]], rtol=0, atol=1e-4)
 
 
-def test_scores_on_the_training_mesh_equal_one_device(tmp_path):
+def test_scores_on_the_training_mesh_equal_one_device(setup, tmp_path):
     """A run trained on fsdp=2 x tensor=2 is evaluated on that mesh (4 fake devices): same scores."""
-    import yaml
-    run = make_tiny_run(tmp_path / "run")
+    run = Path(shutil.copytree(setup["run"], tmp_path / "run"))
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["mesh"].update(data=1, fsdp=2, tensor=2)
     (run / "config.yaml").write_text(yaml.safe_dump(config))
