@@ -28,6 +28,7 @@ examples:
   alpaca-jax dedup in.jsonl -o out.jsonl --threshold 0.7
   alpaca-jax curate data.json -o curated.json --judge configs/generate/curate.yaml   # judge-scored curation
   alpaca-jax eval runs/a runs/b --data user_oriented_instructions.jsonl -o eval/ab --judge configs/judge/default.yaml
+  alpaca-jax eval runs/a --tasks my_mc,my_qa --include-path tasks/ --num-fewshot 5 -o eval/a
 """
 
 
@@ -113,27 +114,36 @@ def _parser() -> argparse.ArgumentParser:
                          help="one parameter subtree per layer (model.scan_layers=false)")
 
     eval_ = sub.add_parser(
-        "eval", help="compare runs on an eval file: perplexity, generations, ROUGE-L, pairwise judge",
+        "eval", help="compare runs: perplexity, generations, ROUGE-L, pairwise judge, lm-eval tasks",
         description="For each RUN (run dir, checkpoint, import-hf output, local HF dir, or an "
                     "AlpacaEval model-outputs JSON file): perplexity on FILE's reference answers, "
                     "generations for FILE's instructions saved in AlpacaEval's model-outputs layout, "
                     "ROUGE-L against the references and, with --judge, a pairwise LLM judge of every "
                     "run against the baseline (both answer orders; win rate, bootstrap 95% CI, "
-                    "per-category breakdown, position consistency). Writes OUT_DIR/results.json, "
-                    "OUT_DIR/results.md (one row per run) and OUT_DIR/index.html (a self-contained page: "
-                    "the table, every answer side by side with the verdicts, loss curves). Rerun into the same OUT_DIR to resume: judge "
-                    "replies already paid for come from OUT_DIR/judge_journal.jsonl.",
+                    "per-category breakdown, position consistency). With --tasks, lm-evaluation-harness "
+                    "tasks on the same models (our JAX backend, offline: local task files). Writes "
+                    "OUT_DIR/results.json, OUT_DIR/results.md (one row per run) and OUT_DIR/index.html (a "
+                    "self-contained page: the table, every answer side by side with the verdicts, loss "
+                    "curves). Rerun into the same OUT_DIR to resume: judge replies already paid for come "
+                    "from OUT_DIR/judge_journal.jsonl.",
         epilog="FILE layouts: Alpaca JSON/JSONL, Self-Instruct user-oriented JSONL (categories from "
                "motivation_app), AlpacaEval. See README 'Evaluation'.")
     eval_.add_argument("runs", nargs="+", metavar="RUN", help="run dirs, checkpoints, HF dirs or model-outputs JSON files")
-    eval_.add_argument("--data", required=True, metavar="FILE", help="eval instructions (with or without reference outputs)")
+    eval_.add_argument("--data", metavar="FILE", help="eval instructions (with or without reference outputs)")
     eval_.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="results directory")
     eval_.add_argument("--judge", metavar="CONFIG", help="judge YAML (e.g. configs/judge/default.yaml); omit to skip judging")
     eval_.add_argument("--baseline", help="what every run is judged against: 'references' (default when "
                                           "FILE has outputs) or one RUN (default otherwise: the first)")
     eval_.add_argument("--max-new-tokens", type=int, default=256, help="generation length cap (default 256)")
     eval_.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default 16)")
-    eval_.add_argument("--limit", type=int, help="only the first N instructions (smoke runs)")
+    eval_.add_argument("--limit", type=int, help="only the first N instructions, and N documents per task (smoke runs)")
+    eval_.add_argument("--tasks", metavar="NAMES",
+                       help="lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,my_task): run on our "
+                            "JAX backend offline, each task's metrics and stderr added to the run's row")
+    eval_.add_argument("--include-path", metavar="DIR", help="a directory of lm-eval task YAML files (local data)")
+    eval_.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples per task prompt (default: the task's own)")
+    eval_.add_argument("--apply-chat-template", action="store_true",
+                       help="render task prompts through the run's chat template (data.template), as chat/serve do")
     model_help = ("a run directory (latest checkpoint), RUN/checkpoints/STEP, an import-hf output "
                   "or a local Hugging Face LLaMA directory")
     chat = sub.add_parser(
@@ -316,8 +326,11 @@ def _plan(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from alpaca_jax.eval import evaluate, load_judge_config, markdown_table
     judge = load_judge_config(args.judge) if args.judge else None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else None
     results = evaluate(args.runs, args.data, args.out, judge=judge, baseline=args.baseline,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
+                       tasks=tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                       apply_chat_template=args.apply_chat_template)
     print(markdown_table(results), end="")
 
 
@@ -326,7 +339,8 @@ USER_ERRORS = {"alpaca_jax.configlib": "ConfigError", "alpaca_jax.data.records":
                "alpaca_jax.train.loop": "TrainingError", "alpaca_jax.train.preemption": "Interrupted",
                "alpaca_jax.checkpoint": "CheckpointError", "alpaca_jax.hf.errors": "ConversionError",
                "alpaca_jax.infer.decode": "PromptError", "alpaca_jax.infer.conversation": "ConversationError",
-               "alpaca_jax.eval.runner": "EvalError", "alpaca_jax.eval.judge": "JudgeError"}
+               "alpaca_jax.eval.runner": "EvalError", "alpaca_jax.eval.judge": "JudgeError",
+               "alpaca_jax.eval.tasks": "TaskError"}
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

@@ -37,6 +37,8 @@ GENERATE = str(REPO / "alpaca_jax" / "configs" / "generate" / "alpaca.yaml")
 CURATE = str(REPO / "alpaca_jax" / "configs" / "generate" / "curate.yaml")
 COMMITTEE = "teachers:\n  - {name: a, base_url: 'http://127.0.0.1:9/v1'}\ncommittee:\n  assign: per_stage\n  stages: {instances: b}\n"
 ROW = '{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}\n'
+TASK_YAML = ("task: ok_task\ndataset_path: json\ndataset_kwargs: {data_files: {test: rows.jsonl}}\n"
+             "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_target: '{{text}}'\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +157,16 @@ ROWS = [
         ("run not found", "{tmp}/none"), files={"in.jsonl": ROW}),
     Row("eval-read-only-out", ("eval", "{tmp}/src", "--data", "{tmp}/in.jsonl", "-o", "{ro}/out"),
         ("-o/--out", "{ro}/out"), files={**IMPORTED, "in.jsonl": ROW}),
+    Row("eval-unknown-task", ("eval", "{tmp}/src", "--tasks", "no_such_task", "--include-path", "{tmp}/tasks",
+                              "-o", "{tmp}/out"), ("unknown task", "no_such_task", "{tmp}/tasks"),
+        files={**IMPORTED, "tasks/ok.yaml": TASK_YAML}),
+    Row("eval-task-file-does-not-parse", ("eval", "{tmp}/src", "--tasks", "ok_task", "--include-path", "{tmp}/tasks",
+                                          "-o", "{tmp}/out"), ("{tmp}/tasks/bad.yaml", "does not parse"),
+        files={**IMPORTED, "tasks/ok.yaml": TASK_YAML, "tasks/bad.yaml": "task: bad\n  dataset_path: [json\n"}),
+    Row("eval-tasks-missing-run", ("eval", "{tmp}/none", "--tasks", "ok_task", "--include-path", "{tmp}/tasks",
+                                   "-o", "{tmp}/out"), ("run not found", "{tmp}/none"),
+        files={"tasks/ok.yaml": TASK_YAML}),
+    Row("eval-nothing-to-evaluate", ("eval", "{tmp}/src", "-o", "{tmp}/out"), ("--data", "--tasks"), files=IMPORTED),
     # -- config ---------------------------------------------------------------------------------
     Row("config-unknown-key", ("config", "model.bogus=1"), ("model.bogus",)),
     Row("config-wrong-literal", ("config", "model.remat=some"), ("model.remat", "some")),

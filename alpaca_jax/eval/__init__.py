@@ -2,6 +2,10 @@
 
 The held-out loss during training lives with training (alpaca_jax/train/evaluate.py); this
 package scores finished runs (`alpaca-jax eval`) and reuses that computation for perplexity.
+
+lm-evaluation-harness tasks (`eval --tasks`) need the optional `lm_eval` package, so their
+modules are not imported here: `eval.tasks` (finding tasks), `eval.harness` (`task_scores`,
+`run_tasks`) and `eval.lm_eval_backend` (`AlpacaJaxLM`, our model as lm-eval's backend).
 """
 
 from alpaca_jax.eval.config import JudgeConfig, PairwiseConfig, load_judge_config

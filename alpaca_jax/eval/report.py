@@ -1,4 +1,5 @@
-"""The eval results as a Markdown table: one row per run, so ablations read side by side."""
+"""The eval results as a Markdown table: one row per run, so ablations read side by side; each
+lm-eval task metric (harness.py) is a column of its own, its value ± lm-eval's stderr."""
 
 from __future__ import annotations
 
@@ -16,21 +17,45 @@ def _win(judge: dict | None) -> str:
     return f"{100 * judge['win_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def _task_columns(runs: list[dict]) -> list[tuple[str, str]]:
+    """(task, metric) pairs in the order lm-eval reported them, over all runs."""
+    columns: list[tuple[str, str]] = []
+    for run in runs:
+        for task, metrics in (run.get("tasks") or {}).items():
+            columns += [(task, m) for m in metrics if (task, m) not in columns]
+    return columns
+
+
+def _metric(run: dict, task: str, metric: str) -> str:
+    entry = ((run.get("tasks") or {}).get(task) or {}).get(metric)
+    if entry is None or entry["value"] is None:
+        return "–"
+    stderr = entry.get("stderr")
+    return f"{entry['value']:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
+
 def markdown_table(results: dict) -> str:
     baseline = results.get("baseline")
-    lines = [f"# Evaluation on `{results['data']}` ({results['instructions']} instructions)", ""]
+    tasks = _task_columns(results["runs"])
+    if results.get("data") is not None:
+        title = f"# Evaluation on `{results['data']}` ({results['instructions']} instructions)"
+    else:
+        title = f"# Evaluation on lm-eval tasks: {', '.join(dict.fromkeys(t for t, _ in tasks)) or '–'}"
+    lines = [title, ""]
+    extra = "".join(f" {task} {metric} (± stderr) |" for task, metric in tasks)
     lines.append(f"| run | perplexity | ROUGE-L | win rate vs {baseline or '–'} (95% CI) | W / T / L "
-                 f"| position consistency | mean answer words |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|")
+                 f"| position consistency | mean answer words |{extra}")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tasks))
     for run in results["runs"]:
         judge = run.get("judge")
         wtl = f"{judge['wins']} / {judge['ties']} / {judge['losses']}" if judge else "–"
         consistency = judge.get("position_consistency") if judge else None
         win = "baseline" if run["name"] == baseline else _win(judge)
+        cells = "".join(f" {_metric(run, task, metric)} |" for task, metric in tasks)
         lines.append(f"| {run['name']} | {_num(run.get('perplexity'), '.3f')} "
                      f"| {_num(run.get('rouge_l'), '.4f')} | {win} | {wtl} "
                      f"| {'–' if consistency is None else f'{100 * consistency:.1f}%'} "
-                     f"| {run['mean_output_words']:.1f} |")
+                     f"| {_num(run.get('mean_output_words'), '.1f')} |{cells}")
     notes = [f"- {what} skipped: {why}" for what, why in results.get("skipped", {}).items()]
     if notes:
         lines += ["", *notes]

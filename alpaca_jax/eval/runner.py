@@ -4,8 +4,10 @@ For each RUN (a run directory, one checkpoint, an import-hf output, a local HF d
 AlpacaEval model-outputs JSON file): perplexity on the file's reference answers, greedy (or
 configured) generations saved in AlpacaEval's layout, ROUGE-L against the references, and,
 with a judge config, pairwise judging of every run against the baseline (the file's
-references, or one of the runs). Results go to OUT_DIR/results.json and OUT_DIR/results.md, and
-to OUT_DIR/index.html, a self-contained page with every answer side by side (report_page.py).
+references, or one of the runs). With `tasks`, lm-evaluation-harness tasks too (harness.py),
+each task's metrics with their stderr in the run's row. Results go to OUT_DIR/results.json and
+OUT_DIR/results.md, and to OUT_DIR/index.html, a self-contained page with every answer side by
+side (report_page.py).
 
 Rerunning into the same OUT_DIR after a kill regenerates answers (free, deterministic) and
 replays every judge reply from the journal (paid once).
@@ -15,6 +17,7 @@ Not here: the decoding (alpaca_jax.infer), the judge's client (judge.py), the st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -53,20 +56,71 @@ def _unique(name: str, taken: set[str]) -> str:
 
 
 def _model_answers(source: str, items: list[EvalItem], sampling, max_new_tokens: int, batch_size: int,
-                   with_references: bool) -> tuple[str, list[str], dict]:
-    """Load a model, score the references, generate: (name, outputs, metrics)."""
+                   with_references: bool, tasks: "TaskRun | None") -> tuple[str, list[str], dict]:
+    """Load a model, score the references, generate, run the tasks: (name, outputs, metrics)."""
     from alpaca_jax.eval.perplexity import reference_loss
     from alpaca_jax.infer import SamplingConfig, generate, load_model  # only when a model is evaluated
-    model = load_model(source)
+    model = load_model(source, mesh=_training_mesh(source))
     sampling = SamplingConfig(max_new_tokens=max_new_tokens) if sampling is None else sampling
     metrics: dict = {}
     if with_references:
         loss, stats = reference_loss(model, items)
         metrics = {"perplexity": loss.perplexity, "reference_loss": loss.loss,
                    "reference_tokens": loss.tokens, "reference_tokenize": stats}
-    completions = generate(model, [item.prompt for item in items], sampling, batch_size=batch_size)
-    metrics["finish_reasons"] = _count(c.finish_reason for c in completions)
+    completions = generate(model, [item.prompt for item in items], sampling, batch_size=batch_size) if items else []
+    if items:
+        metrics["finish_reasons"] = _count(c.finish_reason for c in completions)
+    if tasks is not None:
+        metrics["tasks"] = tasks.scores(model, batch_size)
     return model.name, [c.text for c in completions], metrics
+
+
+def _training_mesh(source: str):
+    """The mesh the run trained on (its `mesh` section; the default for an HF directory) when
+    more than one device is visible; None (the default device) otherwise."""
+    import jax
+    if jax.device_count() == 1:
+        return None
+    from alpaca_jax import sharding
+    from alpaca_jax.checkpoint import find_params
+    from alpaca_jax.config import MeshConfig
+    hf_dir = (Path(source) / "config.json").is_file()
+    return sharding.make_mesh(MeshConfig() if hf_dir else find_params(source).config.mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRun:
+    """lm-evaluation-harness tasks to run on every model (checked before any model loads)."""
+    names: tuple[str, ...]
+    manager: object                 # lm_eval.tasks.TaskManager that knows every name
+    include_path: str | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    apply_chat_template: bool = False
+
+    def scores(self, model, batch_size: int) -> dict:
+        from alpaca_jax.eval.harness import task_scores
+        return task_scores(model, list(self.names), manager=self.manager, num_fewshot=self.num_fewshot,
+                           limit=self.limit, apply_chat_template=self.apply_chat_template, batch_size=batch_size)
+
+    def summary(self) -> dict:
+        return {"names": list(self.names), "include_path": self.include_path, "num_fewshot": self.num_fewshot,
+                "limit": self.limit, "apply_chat_template": self.apply_chat_template}
+
+
+def _task_run(tasks, include_path, num_fewshot, limit, apply_chat_template=False) -> TaskRun | None:
+    if not tasks:
+        return None
+    try:
+        from alpaca_jax.eval.tasks import load_tasks  # lm-eval is an optional dependency
+    except ModuleNotFoundError as e:
+        if e.name != "lm_eval":
+            raise
+        raise EvalError("--tasks needs lm-evaluation-harness: pip install 'alpaca-jax[lm-eval]'") from None
+    if num_fewshot is not None and num_fewshot < 0:
+        raise EvalError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+    return TaskRun(tuple(tasks), load_tasks(list(tasks), include_path),
+                   None if include_path is None else str(include_path), num_fewshot, limit, apply_chat_template)
 
 
 def _count(values) -> dict[str, int]:
@@ -92,21 +146,32 @@ def _resolve_baseline(baseline: str | None, runs: list[str], names: list[str], h
                     f"({', '.join(names)})")
 
 
-def evaluate(runs: list[str], data: str, out_dir: str | Path, *, judge: JudgeConfig | None = None,
+def evaluate(runs: list[str], data: str | None, out_dir: str | Path, *, judge: JudgeConfig | None = None,
              baseline: str | None = None, sampling=None, max_new_tokens: int = 256, batch_size: int = 16,
-             limit: int | None = None, progress: bool = True) -> dict:
-    """Evaluate `runs` on `data`; writes OUT_DIR/{results.json, results.md, index.html, model_outputs/}.
-    `sampling` is an infer.SamplingConfig (default: greedy, `max_new_tokens` long)."""
-    items = load_eval_file(data)[:limit]
+             limit: int | None = None, progress: bool = True, tasks: list[str] | None = None,
+             include_path: str | Path | None = None, num_fewshot: int | None = None,
+             apply_chat_template: bool = False) -> dict:
+    """Evaluate `runs` on `data` and/or lm-eval `tasks` (from `include_path` or lm-eval's own);
+    writes OUT_DIR/{results.json, results.md, index.html, model_outputs/}. `sampling` is an
+    infer.SamplingConfig (default: greedy, `max_new_tokens` long); `limit` caps the eval file's
+    rows and each task's documents."""
+    if data is None and not tasks:
+        raise EvalError("nothing to evaluate: give an eval file (--data), lm-eval tasks (--tasks), or both")
+    if judge is not None and data is None:
+        raise EvalError("--judge needs an eval file (--data) whose answers it judges")
     for run in runs:  # fail before any work, naming the first missing one
         if not Path(run).exists():
             raise EvalError(f"run not found: {run}")
+    items = load_eval_file(data)[:limit] if data is not None else []
+    task_run = _task_run(tasks, include_path, num_fewshot, limit, apply_chat_template)  # a bad task fails before models load
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with_refs = [i for i in items if i.reference is not None]
-    has_refs = len(with_refs) == len(items)
+    has_refs = data is not None and len(with_refs) == len(items)
     skipped = {}
-    if not has_refs:
+    if data is None:
+        skipped = {"perplexity": "no eval file (--data)", "rouge_l": "no eval file (--data)"}
+    elif not has_refs:
         why = (f"{data} has no reference outputs" if not with_refs
                else f"{len(items) - len(with_refs)} of {len(items)} rows of {data} have no reference output")
         skipped = {"perplexity": why, "rouge_l": why}
@@ -115,9 +180,10 @@ def evaluate(runs: list[str], data: str, out_dir: str | Path, *, judge: JudgeCon
     # Opened before any generation: a missing API key should not wait for minutes of decoding.
     teacher = open_judge(judge, out_dir) if judge is not None else None
     try:
-        rows, outputs = _answer_all(runs, items, out_dir, sampling, max_new_tokens, batch_size, has_refs)
-        results = {"data": str(data), "instructions": len(items), "references": has_refs,
-                   "skipped": skipped, "baseline": None, "runs": rows}
+        rows, outputs = _answer_all(runs, items, out_dir, sampling, max_new_tokens, batch_size, has_refs, task_run)
+        results = {"data": None if data is None else str(data), "instructions": len(items), "references": has_refs,
+                   "skipped": skipped, "baseline": None, "runs": rows,
+                   "tasks": None if task_run is None else task_run.summary()}
         verdicts = {}
         if teacher is not None:
             judged, verdicts = _judge(teacher, judge, items, runs, rows, outputs, baseline, has_refs, data, progress)
@@ -132,23 +198,25 @@ def evaluate(runs: list[str], data: str, out_dir: str | Path, *, judge: JudgeCon
 
 
 def _answer_all(runs, items, out_dir: Path, sampling, max_new_tokens: int, batch_size: int,
-                has_refs: bool) -> tuple[list[dict], list[list[str]]]:
+                has_refs: bool, task_run: TaskRun | None) -> tuple[list[dict], list[list[str]]]:
     """Every run's answers and scores (one result row per run), outputs files written."""
     rows, outputs, taken = [], [], set()
     for run in runs:
         path = Path(run)
         if path.is_file():  # an AlpacaEval model-outputs file: answers only, no model to score
             name, answers = read_model_outputs(path, items)
-            metrics = {"perplexity_skipped": "a model-outputs file has no model to score"}
+            metrics = {"perplexity_skipped": "a model-outputs file has no model to score",
+                       "tasks": None}
         else:
-            name, answers, metrics = _model_answers(run, items, sampling, max_new_tokens, batch_size, has_refs)
+            name, answers, metrics = _model_answers(run, items, sampling, max_new_tokens, batch_size, has_refs,
+                                                    task_run)
         name = _unique(name, taken)
-        outputs_file = write_model_outputs(out_dir / "model_outputs" / f"{_safe_name(name)}.json",
-                                           items, answers, name)
-        row = {"name": name, "source": str(run), "outputs_file": str(outputs_file),
+        outputs_file = (write_model_outputs(out_dir / "model_outputs" / f"{_safe_name(name)}.json",
+                                            items, answers, name) if items else None)
+        row = {"name": name, "source": str(run), "outputs_file": None if outputs_file is None else str(outputs_file),
                "perplexity": metrics.pop("perplexity", None), **metrics,
                "rouge_l": mean_rouge_l(answers, [i.reference for i in items]) if has_refs else None,
-               "mean_output_words": sum(len(a.split()) for a in answers) / max(len(answers), 1),
+               "mean_output_words": sum(len(a.split()) for a in answers) / len(answers) if answers else None,
                "judge": None}
         rows.append(row)
         outputs.append(answers)
