@@ -1,7 +1,8 @@
-"""Training: the train-state pytree, the pure train step, the optimizer, and the loop."""
+"""Training: the train-state pytree, the pure train steps (SFT and preference), the optimizer, and the loops."""
 
 from alpaca_jax.train.loss import chunked_loss_rule, chunked_token_cross_entropy
-from alpaca_jax.train.loop import TrainingError, TrainResult, train
+from alpaca_jax.train.entry import train
+from alpaca_jax.train.loop import TrainingError, TrainResult
 from alpaca_jax.train.metrics import read_metrics
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.preemption import Interrupted
