@@ -169,6 +169,7 @@ def test_lora_reference_with_adapters_off_equals_an_explicit_frozen_copy(hf_mode
     batch, slots = _batch(_pairs(seed=5), True, 1)
     kwargs = dict(model=Llama(cfg, lora), ref_model=Llama(cfg), cfg=PreferenceConfig(beta=0.1), slots=slots)
 
+    @jax.jit
     def run(frozen):
         return jax.value_and_grad(lambda a: pair_sums(a, batch, frozen, **kwargs), has_aux=True)(adapters)
 
@@ -180,3 +181,108 @@ def test_lora_reference_with_adapters_off_equals_an_explicit_frozen_copy(hf_mode
         np.testing.assert_allclose(float(free_metrics[name]), float(explicit_metrics[name]), rtol=1e-6, atol=1e-7)
     for a, b in zip(jax.tree.leaves(free_grads), jax.tree.leaves(explicit_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
+
+
+# -- a tiny run on a synthetic preference ---------------------------------------------------------
+
+WORDS = ["red", "blue", "green", "apple", "river", "stone", "cloud", "music", "paper", "light", "tiger", "happy",
+         "quiet", "ocean", "bread", "snow"]
+
+
+def _rule_pairs(rng: np.random.Generator, n: int, avoid: set = frozenset()) -> list[dict]:
+    """The rule: the answer lists the prompt's words in order, lowercase; the rejected answer
+    shouts them in reverse."""
+    out = []
+    while len(out) < n:
+        a, b, c = rng.choice(WORDS, 3, replace=False).tolist()
+        if (a, b, c) in avoid:
+            continue
+        out.append({"prompt": f"List three words about {a}, {b} and {c}.", "chosen": f"{a}, {b}, {c}.",
+                    "rejected": f"{c.upper()}! {b.upper()}! {a.upper()}!"})
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_tiny_run_learns_a_synthetic_preference(tmp_path):
+    from alpaca_jax.train import read_metrics, train
+    rng = np.random.default_rng(0)
+    train_rows = _rule_pairs(rng, 96)
+    seen = {tuple(r["chosen"].rstrip(".").split(", ")) for r in train_rows}
+    eval_rows = _rule_pairs(rng, 24, avoid=seen)  # prompts never trained on
+    cfg = load_config(None, [
+        f"data.train_files=[{_write_jsonl(tmp_path / 'train.jsonl', train_rows)}]",
+        f"data.eval_files=[{_write_jsonl(tmp_path / 'eval.jsonl', eval_rows)}]",
+        "preference.beta=0.1", "preference.precompute_reference=true", "data.max_len=96",
+        "train.max_steps=12", "train.batch_size=4", "optimizer.learning_rate=1e-3", "model.vocab_size=512",
+        "train.progress_bar=false", "run.tensorboard=false", "train.log_every=4", "checkpoint.every=null",
+        f"run.dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    records = read_metrics(result.run_dir)
+    for name in ("loss", *METRICS):
+        assert all(name in r for r in records) and f"eval_{name}" in records[-1]
+    assert records[0]["rewards/accuracies"] < 0.9  # it starts not knowing the rule
+    assert records[-1]["eval_rewards/accuracies"] >= 0.9
+    assert records[-1]["eval_rewards/margins"] > 0
+    assert records[-1]["eval_pairs"] == len(eval_rows)
+
+
+# -- layouts and bad pairs ----------------------------------------------------------------------
+
+LAYOUTS = [
+    ({"prompt": "Name a color.", "chosen": "Blue.", "rejected": "No."}, [("user", "Name a color.")]),
+    ({"instruction": "Add them.", "input": "2 and 3", "chosen": "5", "rejected": "6"}, [("user", "Add them.")]),
+    ({"prompt": "Hi?", "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+      "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go away."}]},
+     [("user", "Hi?")]),
+    ({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+      "chosen": [{"role": "assistant", "content": "Hello."}], "rejected": [{"role": "assistant", "content": "Bye."}]},
+     [("system", "Be brief."), ("user", "Hi?")]),
+    ({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Name a fruit.\n\nAssistant: A pear.",
+      "rejected": "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Name a fruit.\n\nAssistant: Rocks."},
+     [("user", "Hi?"), ("assistant", "Hello."), ("user", "Name a fruit.")]),
+]
+
+
+def test_every_pair_layout_reads_its_prompt_and_scores_only_the_last_answer():
+    rows = [(f"f:{i}", row) for i, (row, _) in enumerate(LAYOUTS)]
+    pairs, report = pairs_from_rows(rows)
+    assert not report.malformed and len(pairs) == len(LAYOUTS)
+    for pair, (row, turns) in zip(pairs, LAYOUTS):
+        assert [(t.role, t.content) for t in pair.prompt.turns] == turns
+    assert pairs[1].prompt.turns[0].input == "2 and 3"
+    assert (pairs[4].chosen, pairs[4].rejected) == ("A pear.", "Rocks.")
+    texts = ["USER: Hi? ASSISTANT: Hello. A pear. Rocks. Blue. No. 5 6 Go away. Bye."] * 20
+    tokenizer = train_bpe_tokenizer(texts, 300, 1)
+    template = chat_template("vicuna_v1.1", tokenizer)
+    tok = tokenize_pairs(pairs, tokenizer, template, max_len=512)
+    assert tok.stats.kept == len(LAYOUTS)
+    eos = tokenizer.eos_token
+    for ids, mask, pair in zip(tok.chosen_ids, tok.chosen_mask, pairs):  # the HH pair has an earlier answer
+        assert tokenizer.decode(ids[mask]).strip() == pair.chosen + eos
+    for ids, mask, pair in zip(tok.rejected_ids, tok.rejected_mask, pairs):
+        assert tokenizer.decode(ids[mask]).strip() == pair.rejected + eos
+
+
+BAD = [{"prompt": "Name a color.", "chosen": "Blue."},                                  # no rejected
+       {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Blue."},             # chosen == rejected
+       {"prompt": "word " * 400, "chosen": "Blue.", "rejected": "Red."},                # prompt fills max_len
+       {"prompt": "Name a color.", "chosen": "Green.", "rejected": "Red."}]             # fine
+
+
+def test_bad_pairs_are_counted_and_skipped_or_refused_in_one_line(tmp_path):
+    from alpaca_jax.data.preference import read_pairs
+    from alpaca_jax.data.records import DataError
+    path = _write_jsonl(tmp_path / "bad.jsonl", BAD)
+    pairs, report = read_pairs(path)
+    assert dict(report.malformed) == {"no 'rejected'": 1, "chosen equals rejected": 1}
+    assert report.malformed_where[0].startswith(f"{path}:1")
+    tokenizer = train_bpe_tokenizer(["word Blue. Red. Green. Name a color."] * 20, 300, 1)
+    tok = tokenize_pairs(pairs, tokenizer, chat_template("alpaca", tokenizer), max_len=200)
+    assert (tok.stats.pairs, tok.stats.kept, tok.stats.dropped) == (2, 1, 1)
+    with pytest.raises(DataError) as err:
+        read_pairs(path, on_malformed="error")
+    assert f"{path}:1" in str(err.value) and "no 'rejected'" in str(err.value) and "\n" not in str(err.value)

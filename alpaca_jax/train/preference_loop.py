@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,7 +90,11 @@ def load_pair_data(cfg: Config, run_dir: Path) -> PairData:
         raise TrainingError("data.template=tokenizer needs tokenizer.path: a local HF tokenizer with a chat_template")
     corpus = corpus_texts([Source("pairs", 1.0, conversations, report)], cfg.data.template) \
         if cfg.tokenizer.path is None else ()
-    tokenizer = get_tokenizer(cfg.tokenizer, cfg.model.vocab_size, run_dir, corpus)
+    # A BPE trained here is saved into the run dir only once the pairs are known to be usable:
+    # a run stopped by bad data leaves nothing behind.
+    fresh = cfg.tokenizer.path is None and not (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = get_tokenizer(cfg.tokenizer, cfg.model.vocab_size, Path(scratch) if fresh else run_dir, corpus)
     template = chat_template(cfg.data.template, tokenizer)
     tokenize = lambda p: tokenize_pairs(p, tokenizer, template, cfg.data.max_len, cfg.tokenizer.add_bos)  # noqa: E731
     train = tokenize(split.train)
@@ -99,6 +104,8 @@ def load_pair_data(cfg: Config, run_dir: Path) -> PairData:
     held = tokenize(split.eval) if split.eval else None
     if held is not None and held.stats.kept == 0:
         raise TrainingError(f"no held-out pair has a response token on both sides within data.max_len={cfg.data.max_len}")
+    if fresh and jax.process_index() == 0:
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     return PairData(train, held, report, tokenizer)
 
 

@@ -132,5 +132,7 @@ def preference_eval_step(params, batch, frozen: dict, *, model, ref_model, cfg: 
 
 
 def reference_step(frozen: dict, batch, *, ref_model, slots: int, loss_chunk: int | None = None) -> jax.Array:
-    """The reference's sequence log-probs of one [B, T] batch: [B, 2*slots] (precompute pass)."""
-    return reference_logps(ref_model, frozen, batch, slots, loss_chunk)
+    """The reference's sequence log-probs of one global batch of [A, M, T] rows: [A*M, 2*slots]
+    (the precompute pass)."""
+    flat = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch)
+    return reference_logps(ref_model, frozen, flat, slots, loss_chunk)
