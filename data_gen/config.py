@@ -107,7 +107,8 @@ class StageSampling:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    name: Literal["alpaca", "self-instruct"] = "alpaca"
+    name: Literal["alpaca", "self-instruct", "safety"] = "alpaca"
+    unsafe_instructions: str | None = None  # safety: the user's file of unsafe instructions (JSONL, JSON array or .txt)
     seed_tasks: str | None = None
     num_instructions: int = 100
     num_prompt_instructions: int = 3
@@ -207,8 +208,12 @@ class GenerateConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    complier: TeacherConfig | None = None  # safety: a second endpoint whose complying answers become the rejected side of pairs.json
 
     def __post_init__(self):
+        if self.pipeline.name == "safety":
+            _require(self.pipeline.unsafe_instructions is not None,
+                     "pipeline.unsafe_instructions: the safety pipeline needs a file of unsafe instructions")
         if self.budget.max_cost_usd is not None:
             _require(self.teacher.model in self.budget.prices,
                      f"budget.max_cost_usd needs budget.prices.{self.teacher.model}")
