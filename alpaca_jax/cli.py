@@ -124,7 +124,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog="FILE layouts: Alpaca JSON/JSONL, Self-Instruct user-oriented JSONL (categories from "
                "motivation_app), AlpacaEval. See README 'Evaluation'.")
     eval_.add_argument("runs", nargs="+", metavar="RUN", help="run dirs, checkpoints, HF dirs or model-outputs JSON files")
-    eval_.add_argument("--data", required=True, metavar="FILE", help="eval instructions (with or without reference outputs)")
+    eval_.add_argument("--data", metavar="FILE", help="eval instructions (with or without reference outputs)")
+    eval_.add_argument("--safety", metavar="FILE", help="instead of --data: {instruction, label: unsafe|safe} rows; "
+                                                        "the judge (--judge) decides refusals: refusal rate on unsafe, "
+                                                        "over-refusal on safe prompts, bootstrap 95%% CIs")
     eval_.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="results directory")
     eval_.add_argument("--judge", metavar="CONFIG", help="judge YAML (e.g. configs/judge/default.yaml); omit to skip judging")
     eval_.add_argument("--baseline", help="what every run is judged against: 'references' (default when "
@@ -266,6 +269,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from alpaca_jax.hf import import_hf
         import_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
     elif args.command == "eval":
+        if (args.data is None) == (args.safety is None):
+            raise ConfigError("eval needs exactly one of --data FILE and --safety FILE")
         preflight.check_model_sources(args.runs, "run")
         preflight.check_output_dir(args.out, "-o/--out")
         _eval(args)
@@ -309,8 +314,9 @@ def _plan(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from alpaca_jax.eval import evaluate, load_judge_config, markdown_table
     judge = load_judge_config(args.judge) if args.judge else None
-    results = evaluate(args.runs, args.data, args.out, judge=judge, baseline=args.baseline,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+    results = evaluate(args.runs, args.data or args.safety, args.out, judge=judge, baseline=args.baseline,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
+                       safety=args.safety is not None)
     print(markdown_table(results), end="")
 
 

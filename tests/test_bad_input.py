@@ -91,6 +91,13 @@ ROWS = [
                                                  "data.train_files=[{tmp}/pairs.jsonl]", "run.dir={tmp}/run"),
         ("no preference pair", "data.max_len=8"),
         files={"pairs.jsonl": '{"prompt": "Say hello to everyone here.", "chosen": "Hello.", "rejected": "Go."}\n'}),
+    Row("eval-neither-data-nor-safety", ("eval", "{tmp}/x.json", "-o", "{tmp}/out"), ("--data", "--safety")),
+    Row("eval-safety-without-judge", ("eval", "{tmp}/x.json", "--safety", "{tmp}/s.jsonl", "-o", "{tmp}/out"),
+        ("--safety needs --judge",), files={"x.json": "[]", "s.jsonl": '{"instruction": "Hi?", "label": "safe"}\n'}),
+    Row("eval-safety-bad-label", ("eval", "{tmp}/x.json", "--safety", "{tmp}/s.jsonl", "-o", "{tmp}/out",
+                                  "--judge", "{tmp}/j.yaml"),
+        ("{tmp}/s.jsonl:1", "label"), files={"x.json": "[]", "s.jsonl": '{"instruction": "Hi?", "label": "ok"}\n',
+                                             "j.yaml": "judge: {model: m}\n"}),
     # -- plan -----------------------------------------------------------------------------------
     Row("plan-device-memory", ("plan", "--device-memory", "80XB"), ("80XB",)),
     Row("plan-devices", ("plan", "--devices", "0"), ("--devices",)),

@@ -25,6 +25,7 @@ from alpaca_jax.eval.judge import Matchup, judge_matchups, open_judge
 from alpaca_jax.eval.outputs import read_model_outputs, write_model_outputs
 from alpaca_jax.eval.report import markdown_table
 from alpaca_jax.eval.rouge import mean_rouge_l
+from alpaca_jax.eval.safety import REFUSAL_PROMPT_FILE, judge_refusals, load_safety_file, safety_summary
 from alpaca_jax.eval.stats import summarize
 
 __all__ = ["EvalError", "evaluate", "REFERENCES"]
@@ -92,10 +93,18 @@ def _resolve_baseline(baseline: str | None, runs: list[str], names: list[str], h
 
 def evaluate(runs: list[str], data: str, out_dir: str | Path, *, judge: JudgeConfig | None = None,
              baseline: str | None = None, sampling=None, max_new_tokens: int = 256, batch_size: int = 16,
-             limit: int | None = None, progress: bool = True) -> dict:
+             limit: int | None = None, progress: bool = True, safety: bool = False) -> dict:
     """Evaluate `runs` on `data`; writes OUT_DIR/{results.json, results.md, model_outputs/}.
-    `sampling` is an infer.SamplingConfig (default: greedy, `max_new_tokens` long)."""
-    items = load_eval_file(data)[:limit]
+    `sampling` is an infer.SamplingConfig (default: greedy, `max_new_tokens` long). With
+    `safety`, `data` is a safety file (eval/safety.py) and the judge decides refusals instead."""
+    if safety and judge is None:
+        raise EvalError("--safety needs --judge CONFIG: the judge decides which answers refuse")
+    unsafe: list[bool] = []
+    if safety:
+        items, unsafe = load_safety_file(data)
+        items, unsafe = items[:limit], unsafe[:limit]
+    else:
+        items = load_eval_file(data)[:limit]
     for run in runs:  # fail before any work, naming the first missing one
         if not Path(run).exists():
             raise EvalError(f"run not found: {run}")
@@ -116,7 +125,9 @@ def evaluate(runs: list[str], data: str, out_dir: str | Path, *, judge: JudgeCon
         rows, outputs = _answer_all(runs, items, out_dir, sampling, max_new_tokens, batch_size, has_refs)
         results = {"data": str(data), "instructions": len(items), "references": has_refs,
                    "skipped": skipped, "baseline": None, "runs": rows}
-        if teacher is not None:
+        if teacher is not None and safety:
+            results.update(_judge_safety(teacher, judge, items, unsafe, rows, outputs, progress))
+        elif teacher is not None:
             results.update(_judge(teacher, judge, items, runs, rows, outputs, baseline, has_refs, data, progress))
     finally:
         if teacher is not None:
@@ -149,6 +160,17 @@ def _answer_all(runs, items, out_dir: Path, sampling, max_new_tokens: int, batch
         outputs.append(answers)
         log.info("%s: perplexity %s, ROUGE-L %s", name, row["perplexity"], row["rouge_l"])
     return rows, outputs
+
+
+def _judge_safety(teacher, cfg: JudgeConfig, items, unsafe: list[bool], rows, outputs, progress: bool) -> dict:
+    """Every run's answers judged refuse/comply; fills each row's `safety` entry."""
+    from tqdm.auto import tqdm
+    with tqdm(total=len(items) * len(rows), desc="safety judge", unit="req", disable=not progress) as bar:
+        for row, answers in zip(rows, outputs):
+            refused = judge_refusals(teacher, cfg, row["name"], items, answers, on_done=lambda: bar.update(1))
+            row["safety"] = safety_summary(refused, unsafe, cfg.pairwise.bootstrap_samples, cfg.pairwise.seed)
+    return {"safety": {"model": cfg.judge.model, "prompt": str(REFUSAL_PROMPT_FILE),
+                       "requests_sent": teacher.stats.sent, "answered_from_journal": teacher.stats.from_journal}}
 
 
 def _judge(teacher, cfg: JudgeConfig, items, runs, rows, outputs, baseline, has_refs, data,
