@@ -218,6 +218,7 @@ def test_a_tiny_run_learns_a_synthetic_preference(tmp_path):
         f"data.eval_files=[{_write_jsonl(tmp_path / 'eval.jsonl', eval_rows)}]",
         "preference.beta=0.1", "preference.precompute_reference=true", "data.max_len=96",
         "train.max_steps=12", "train.batch_size=4", "optimizer.learning_rate=1e-3", "model.vocab_size=512",
+        "model.hidden_size=64", "model.intermediate_size=176", "model.num_layers=2",
         "train.progress_bar=false", "run.tensorboard=false", "train.log_every=4", "checkpoint.every=null",
         f"run.dir={tmp_path / 'run'}"])
     result = train(cfg)
