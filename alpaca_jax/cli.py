@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                     "train.max_steps=100 optimizer.learning_rate=1e-4 run.dir=runs/x. The run "
                     "directory receives config.yaml, metrics.jsonl, TensorBoard events, the "
                     "tokenizer and summary.json.",
-        epilog="sections: model tokenizer data optimizer train run mesh distributed checkpoint lora. "
+        epilog="sections: model tokenizer data optimizer train run mesh distributed checkpoint lora preference. "
                "`alpaca-jax config [CONFIG] [overrides]` prints the resolved config with a comment "
                "on every key. SIGTERM or Ctrl-C saves a checkpoint of the last finished step and "
                "exits with 128+signal; rerun the same command to resume.")
