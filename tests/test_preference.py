@@ -57,9 +57,9 @@ def _tokenized(pairs: list[dict]) -> TokenizedPairs:
     return TokenizedPairs(ci, cm, ri, rm, PairStats(len(pairs), len(pairs), 0, 0, 0, 0))
 
 
-def _batch(pairs: list[dict], packing: bool, rows: int) -> tuple[dict, int]:
+def _batch(pairs: list[dict], packing: bool, rows: int, reference=None) -> tuple[dict, int]:
     it = PairBatchIterator(_tokenized(pairs), batch_size=rows, seq_len=160, seed=0, num_epochs=1, pad_id=PAD,
-                           packing=packing)
+                           packing=packing, reference=reference)
     assert it.steps_in_epoch(0) == 1
     return {k: jnp.asarray(v) for k, v in next(it).items()}, it.slots
 
@@ -80,17 +80,30 @@ def hf_models(tmp_path_factory):
     return dirs
 
 
-def _ours(hf_models, pairs, loss: str, packing: bool = True, rows: int = 1):
+def _hf_reference_logps(hf_models, pairs) -> np.ndarray:
+    """[N, 2] summed answer log-probs under the HF reference model, one sequence at a time."""
+    model = LlamaForCausalLM.from_pretrained(hf_models["reference"], dtype=torch.float32).eval()
+    out = np.zeros((len(pairs), 2), np.float32)
+    for i, p in enumerate(pairs):
+        for k, key in enumerate(("chosen_ids", "rejected_ids")):
+            ids = torch.tensor([p["prompt_ids"] + p[key]])
+            with torch.no_grad():
+                logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            out[i, k] = logps[torch.arange(ids.shape[1] - 1), ids[0, 1:]][-len(p[key]):].sum().item()
+    return out
+
+
+def _ours(hf_models, pairs, loss: str, packing: bool = True, rows: int = 1, reference=None):
     cfg = tiny_model(vocab_size=VOCAB, max_position_embeddings=128)
     policy = hf.load_hf_params(hf_models["policy"], cfg)
-    reference = hf.load_hf_params(hf_models["reference"], cfg)
-    batch, slots = _batch(pairs, packing, rows)
+    frozen = {} if reference is not None else {"reference": hf.load_hf_params(hf_models["reference"], cfg)}
+    batch, slots = _batch(pairs, packing, rows, reference)
     model = Llama(cfg)
     pref = PreferenceConfig(beta=0.1, loss=loss)
     count = num_pairs(batch, slots)
 
     def mean_loss(params):
-        loss_sum, metrics = pair_sums(params, batch, {"reference": reference}, model=model, ref_model=model,
+        loss_sum, metrics = pair_sums(params, batch, frozen, model=model, ref_model=model,
                                       cfg=pref, slots=slots)
         return loss_sum / count, jax.tree.map(lambda m: m / count, metrics)
 
@@ -135,6 +148,11 @@ def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(hf_models, tmp_path, l
     for name in METRICS:
         np.testing.assert_allclose(metrics[name], trl_metrics[name], rtol=1e-5, atol=1e-7, err_msg=name)
     assert 0 < trl_metrics["rewards/accuracies"] < 1  # both outcomes occur: the comparison can fail
+    if loss == "sigmoid":  # precomputed reference log-probs (from HF's reference, scored here) give the same
+        precomputed = _ours(hf_models, pairs, loss, reference=_hf_reference_logps(hf_models, pairs))
+        np.testing.assert_allclose(precomputed[0], trl_value, rtol=1e-5)
+        for name in METRICS:
+            np.testing.assert_allclose(precomputed[1][name], trl_metrics[name], rtol=1e-5, atol=1e-7, err_msg=name)
     trl_grads = hf.load_hf_params(trl_grads_dir, cfg)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(trl_grads))
     for path, ours in jax.tree_util.tree_leaves_with_path(grads):
