@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                     "train.max_steps=100 optimizer.learning_rate=1e-4 run.dir=runs/x. The run "
                     "directory receives config.yaml, metrics.jsonl, TensorBoard events, the "
                     "tokenizer and summary.json.",
-        epilog="sections: model tokenizer data optimizer train run mesh distributed checkpoint lora. "
+        epilog="sections: model tokenizer data optimizer train run mesh distributed checkpoint lora preference. "
                "`alpaca-jax config [CONFIG] [overrides]` prints the resolved config with a comment "
                "on every key. SIGTERM or Ctrl-C saves a checkpoint of the last finished step and "
                "exits with 128+signal; rerun the same command to resume.")
@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                "motivation_app), AlpacaEval. See README 'Evaluation'.")
     eval_.add_argument("runs", nargs="+", metavar="RUN", help="run dirs, checkpoints, HF dirs or model-outputs JSON files")
     eval_.add_argument("--data", metavar="FILE", help="eval instructions (with or without reference outputs)")
+    eval_.add_argument("--safety", metavar="FILE", help="instead of --data: {instruction, label: unsafe|safe} rows; "
+                                                        "the judge (--judge) decides refusals: refusal rate on unsafe, "
+                                                        "over-refusal on safe prompts, bootstrap 95%% CIs")
     eval_.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="results directory")
     eval_.add_argument("--judge", metavar="CONFIG", help="judge YAML (e.g. configs/judge/default.yaml); omit to skip judging")
     eval_.add_argument("--baseline", help="what every run is judged against: 'references' (default when "
@@ -282,6 +285,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from alpaca_jax.hf import import_hf
         import_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
     elif args.command == "eval":
+        if args.data is not None and args.safety is not None:
+            raise ConfigError("eval takes one of --data FILE and --safety FILE, not both")
+        if args.data is None and args.safety is None and args.tasks is None:
+            raise ConfigError("nothing to evaluate: give an eval file (--data), a safety file (--safety), "
+                              "lm-eval tasks (--tasks), or --data/--safety with --tasks")
         preflight.check_model_sources(args.runs, "run")
         preflight.check_output_dir(args.out, "-o/--out")
         _eval(args)
@@ -327,10 +335,10 @@ def _eval(args: argparse.Namespace) -> None:
     from alpaca_jax.eval import evaluate, load_judge_config, markdown_table
     judge = load_judge_config(args.judge) if args.judge else None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else None
-    results = evaluate(args.runs, args.data, args.out, judge=judge, baseline=args.baseline,
+    results = evaluate(args.runs, args.data or args.safety, args.out, judge=judge, baseline=args.baseline,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
                        tasks=tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
-                       apply_chat_template=args.apply_chat_template)
+                       apply_chat_template=args.apply_chat_template, safety=args.safety is not None)
     print(markdown_table(results), end="")
 
 

@@ -16,7 +16,7 @@ from alpaca_jax import configlib
 from alpaca_jax.configlib import ConfigError
 
 __all__ = ["Config", "ModelConfig", "RopeScalingConfig", "TokenizerConfig", "DataConfig", "LoraConfig",
-           "DataSourceConfig", "OptimizerConfig", "TrainConfig", "RunConfig", "MeshConfig", "DistributedConfig", "CheckpointConfig",
+           "DataSourceConfig", "PreferenceConfig", "OptimizerConfig", "TrainConfig", "RunConfig", "MeshConfig", "DistributedConfig", "CheckpointConfig",
            "ConfigError",
            "load_config", "config_from_dict", "save_config", "CONFIG_DIR", "MODEL_PRESET_DIR"]
 
@@ -283,6 +283,24 @@ def _check_lora_fits(model: ModelConfig, lora: LoraConfig) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    """Preference tuning (DPO and kin) on chosen/rejected pairs. No section = supervised fine-tuning."""
+    beta: float = 0.1                      # strength of the pull towards the reference (DPO's beta; IPO's tau)
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid = DPO, ipo = IPO (per-token log-ratios), hinge = SLiC
+    label_smoothing: float = 0.0           # sigmoid only: probability a pair's label is flipped (conservative DPO), in [0, 0.5)
+    reference: str | None = None           # the reference model: null = the starting weights, frozen (LoRA: the base with adapters off); or a HF dir, import-hf output or run dir
+    precompute_reference: bool = False     # score every pair with the reference once before training, so it is not held in memory during training
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ConfigError(f"preference.beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"preference.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError(f"preference.label_smoothing applies to loss=sigmoid only, not {self.loss}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -294,10 +312,13 @@ class Config:
     distributed: DistributedConfig = DistributedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     lora: LoraConfig | None = None         # adapters on a frozen base; null = full fine-tuning
+    preference: PreferenceConfig | None = None  # train on chosen/rejected pairs (DPO); null = supervised fine-tuning
 
     def __post_init__(self):
         if self.lora is not None:
             _check_lora_fits(self.model, self.lora)
+        if self.preference is not None and self.data.mixture:
+            raise ConfigError("preference: data.mixture is not supported; list the pair files in data.train_files")
 
 
 def _resolve_model_preset(data: dict[str, Any]) -> dict[str, Any]:

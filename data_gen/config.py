@@ -110,7 +110,8 @@ class StageSampling:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    name: Literal["alpaca", "self-instruct"] = "alpaca"
+    name: Literal["alpaca", "self-instruct", "safety"] = "alpaca"
+    unsafe_instructions: str | None = None  # safety: the user's file of unsafe instructions (JSONL, JSON array or .txt)
     seed_tasks: str | None = None
     num_instructions: int = 100
     num_prompt_instructions: int = 3
@@ -309,8 +310,12 @@ class GenerateConfig:
     committee: CommitteeConfig = field(default_factory=CommitteeConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
+    complier: TeacherConfig | None = None  # safety: a second endpoint whose complying answers become the rejected side of pairs.json
 
     def __post_init__(self):
+        if self.pipeline.name == "safety":
+            _require(self.pipeline.unsafe_instructions is not None,
+                     "pipeline.unsafe_instructions: the safety pipeline needs a file of unsafe instructions")
         if self.teachers:
             self._check_committee()
         elif self.budget.max_cost_usd is not None:

@@ -3,6 +3,7 @@
 The output directory holds:
 - `journal.jsonl`  every completed teacher response (append-only, fsync'ed): the run's state;
 - `data.json`      the Alpaca-format examples [{instruction, input, output}, ...];
+- `pairs.json`     safety with a `complier`: [{instruction, input, chosen, rejected}, ...];
 - `report.json`    requests, tokens, cost, kept, dropped by reason, similarity histogram;
 - `config.yaml`    the resolved config of the last run;
 - with `curation.enabled`: `curated.json` (the examples the judge scored >= curation.min_score),
@@ -35,6 +36,7 @@ from data_gen.curate import Curation, curate_rows, write_curation
 from data_gen.journal import Journal
 from data_gen.report import Report, write_json_atomic
 from data_gen.seeds import load_seed_tasks
+from data_gen.safety import run_safety
 from data_gen.self_instruct import run_self_instruct
 from data_gen.teacher import Teacher
 
@@ -73,7 +75,12 @@ def generate(config: GenerateConfig, client: Any = None) -> dict[str, Any]:
         budget = teacher.budget
         report = Report(pipeline=config.pipeline.name)
         bar = bar_factory(config.output.progress)
-        if config.pipeline.name == "alpaca":
+        pairs = None
+        if config.pipeline.name == "safety":
+            # The complying endpoint shares the journal (its request keys differ) and the budget.
+            complier = Teacher(config.complier, journal, budget) if config.complier is not None else None
+            examples, pairs = run_safety(config, teacher, complier, report, bar)
+        elif config.pipeline.name == "alpaca":
             examples = run_alpaca(config, seeds, teacher, report, bar)
         else:
             examples = run_self_instruct(config, seeds, teacher, report, bar)
@@ -100,6 +107,8 @@ def generate(config: GenerateConfig, client: Any = None) -> dict[str, Any]:
     write_json_atomic(out / "data.json", examples)
     if curation is not None:
         summary["curation"] = write_curation(examples, curation, out / "curated.json", {})
+    if pairs is not None and config.complier is not None:
+        write_json_atomic(out / "pairs.json", pairs)
     write_json_atomic(out / "report.json", summary)
     return summary
 

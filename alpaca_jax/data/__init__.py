@@ -7,6 +7,8 @@ from alpaca_jax.data.conversations import (Conversation, LoadReport, Turn, conve
 from alpaca_jax.data.dataset import BatchIterator
 from alpaca_jax.data.mixture import MixtureOrder, Source, corpus_texts, load_sources, tokenize_sources
 from alpaca_jax.data.packing import BATCH_KEYS, pack_rows, plan_rows
+from alpaca_jax.data.preference import PreferencePair, read_pairs
+from alpaca_jax.data.preference_batches import PairBatchIterator, tokenize_pairs
 from alpaca_jax.data.records import DataError, load_instruction_dataset, read_records, resolve_data_path
 from alpaca_jax.data.templates import alpaca_prompt
 from alpaca_jax.data.tokenize import (TokenizeStats, alpaca_conversations, build_example, tokenize_conversations,
@@ -19,4 +21,5 @@ __all__ = ["ChatTemplate", "Rendered", "chat_template", "encode_prompt", "render
            "load_sources", "tokenize_sources", "BATCH_KEYS", "pack_rows", "plan_rows", "DataError",
            "load_instruction_dataset", "read_records", "resolve_data_path", "alpaca_prompt",
            "TokenizeStats", "alpaca_conversations", "build_example", "tokenize_conversations",
-           "tokenize_dataset", "get_tokenizer", "load_tokenizer", "special_ids", "train_bpe_tokenizer"]
+           "tokenize_dataset", "get_tokenizer", "load_tokenizer", "special_ids", "train_bpe_tokenizer",
+           "PreferencePair", "read_pairs", "PairBatchIterator", "tokenize_pairs"]

@@ -29,7 +29,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         if batch_size % shard_count:
             raise ValueError(f"batch_size {batch_size} is not divisible by {shard_count} processes")
         self.input_ids, self.loss_mask = input_ids, loss_mask
-        self.lengths = np.array([len(x) - 1 for x in input_ids], np.int64)
+        self.lengths = self.example_lengths(input_ids)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.num_epochs, self.pad_id = num_epochs, pad_id
         self.packing, self.pack_window = packing, pack_window
@@ -37,6 +37,11 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         self.epoch_order = epoch_order  # a data mixture's draw (mixture.MixtureOrder); else a shuffle
         self._plans: dict[int, list[list[int]]] = {}
         self.epoch, self.index = 0, 0
+
+    @staticmethod
+    def example_lengths(input_ids) -> np.ndarray:
+        """Positions each unit takes in a row (an example of n tokens takes n - 1)."""
+        return np.array([len(x) - 1 for x in input_ids], np.int64)
 
     # -- planning ---------------------------------------------------------------------------
     def epoch_rows(self, epoch: int) -> list[list[int]]:
@@ -81,4 +86,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         local = self.batch_size // self.shard_count
         rows = rows[self.shard_index * local:(self.shard_index + 1) * local]
         self.index += 1
+        return self.pack(rows)
+
+    def pack(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        """Rows of example indices -> the batch arrays (preference batches pack pairs instead)."""
         return pack_rows(rows, self.input_ids, self.loss_mask, self.seq_len, self.pad_id)

@@ -34,6 +34,24 @@ def _metric(run: dict, task: str, metric: str) -> str:
     return f"{entry['value']:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
 
 
+def _rate(value, interval) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}% [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def _safety_lines(results: dict) -> list[str]:
+    """The safety columns: refusal rate on unsafe prompts, over-refusal on safe ones (95% CI)."""
+    lines = ["| run | refusal rate on unsafe (95% CI) | over-refusal on safe (95% CI) | no verdict |",
+             "|---|---:|---:|---:|"]
+    for run in results["runs"]:
+        s = run.get("safety") or {}
+        lines.append(f"| {run['name']} | {_rate(s.get('refusal_rate'), s.get('refusal_rate_ci95'))} "
+                     f"| {_rate(s.get('over_refusal_rate'), s.get('over_refusal_rate_ci95'))} "
+                     f"| {s.get('no_verdict', '–')} |")
+    return lines
+
+
 def markdown_table(results: dict) -> str:
     baseline = results.get("baseline")
     tasks = _task_columns(results["runs"])
@@ -56,6 +74,8 @@ def markdown_table(results: dict) -> str:
                      f"| {_num(run.get('rouge_l'), '.4f')} | {win} | {wtl} "
                      f"| {'–' if consistency is None else f'{100 * consistency:.1f}%'} "
                      f"| {_num(run.get('mean_output_words'), '.1f')} |{cells}")
+    if any(run.get("safety") for run in results["runs"]):
+        lines += ["", *_safety_lines(results)]
     notes = [f"- {what} skipped: {why}" for what, why in results.get("skipped", {}).items()]
     if notes:
         lines += ["", *notes]

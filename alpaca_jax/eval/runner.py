@@ -30,6 +30,7 @@ from alpaca_jax.eval.outputs import read_model_outputs, write_model_outputs
 from alpaca_jax.eval.report import markdown_table
 from alpaca_jax.eval.report_page import write_report_page
 from alpaca_jax.eval.rouge import mean_rouge_l
+from alpaca_jax.eval.safety import REFUSAL_PROMPT_FILE, judge_refusals, load_safety_file, safety_summary
 from alpaca_jax.eval.stats import summarize
 
 __all__ = ["EvalError", "evaluate", "REFERENCES"]
@@ -150,19 +151,27 @@ def evaluate(runs: list[str], data: str | None, out_dir: str | Path, *, judge: J
              baseline: str | None = None, sampling=None, max_new_tokens: int = 256, batch_size: int = 16,
              limit: int | None = None, progress: bool = True, tasks: list[str] | None = None,
              include_path: str | Path | None = None, num_fewshot: int | None = None,
-             apply_chat_template: bool = False) -> dict:
+             apply_chat_template: bool = False, safety: bool = False) -> dict:
     """Evaluate `runs` on `data` and/or lm-eval `tasks` (from `include_path` or lm-eval's own);
     writes OUT_DIR/{results.json, results.md, index.html, model_outputs/}. `sampling` is an
     infer.SamplingConfig (default: greedy, `max_new_tokens` long); `limit` caps the eval file's
-    rows and each task's documents."""
+    rows and each task's documents. With `safety`, `data` is a safety file (eval/safety.py) and
+    the judge decides refusals instead."""
     if data is None and not tasks:
         raise EvalError("nothing to evaluate: give an eval file (--data), lm-eval tasks (--tasks), or both")
     if judge is not None and data is None:
         raise EvalError("--judge needs an eval file (--data) whose answers it judges")
+    if safety and judge is None:
+        raise EvalError("--safety needs --judge CONFIG: the judge decides which answers refuse")
     for run in runs:  # fail before any work, naming the first missing one
         if not Path(run).exists():
             raise EvalError(f"run not found: {run}")
-    items = load_eval_file(data)[:limit] if data is not None else []
+    unsafe: list[bool] = []
+    if safety:
+        items, unsafe = load_safety_file(data)
+        items, unsafe = items[:limit], unsafe[:limit]
+    else:
+        items = load_eval_file(data)[:limit] if data is not None else []
     task_run = _task_run(tasks, include_path, num_fewshot, limit, apply_chat_template)  # a bad task fails before models load
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +194,9 @@ def evaluate(runs: list[str], data: str | None, out_dir: str | Path, *, judge: J
                    "skipped": skipped, "baseline": None, "runs": rows,
                    "tasks": None if task_run is None else task_run.summary()}
         verdicts = {}
-        if teacher is not None:
+        if teacher is not None and safety:
+            results.update(_judge_safety(teacher, judge, items, unsafe, rows, outputs, progress))
+        elif teacher is not None:
             judged, verdicts = _judge(teacher, judge, items, runs, rows, outputs, baseline, has_refs, data, progress)
             results.update(judged)
     finally:
@@ -222,6 +233,17 @@ def _answer_all(runs, items, out_dir: Path, sampling, max_new_tokens: int, batch
         outputs.append(answers)
         log.info("%s: perplexity %s, ROUGE-L %s", name, row["perplexity"], row["rouge_l"])
     return rows, outputs
+
+
+def _judge_safety(teacher, cfg: JudgeConfig, items, unsafe: list[bool], rows, outputs, progress: bool) -> dict:
+    """Every run's answers judged refuse/comply; fills each row's `safety` entry."""
+    from tqdm.auto import tqdm
+    with tqdm(total=len(items) * len(rows), desc="safety judge", unit="req", disable=not progress) as bar:
+        for row, answers in zip(rows, outputs):
+            refused = judge_refusals(teacher, cfg, row["name"], items, answers, on_done=lambda: bar.update(1))
+            row["safety"] = safety_summary(refused, unsafe, cfg.pairwise.bootstrap_samples, cfg.pairwise.seed)
+    return {"safety": {"model": cfg.judge.model, "prompt": str(REFUSAL_PROMPT_FILE),
+                       "requests_sent": teacher.stats.sent, "answered_from_journal": teacher.stats.from_journal}}
 
 
 def _judge(teacher, cfg: JudgeConfig, items, runs, rows, outputs, baseline, has_refs, data,

@@ -128,7 +128,19 @@ def instances_reply(prompt: str, classification: bool) -> tuple[str, str]:
     return text, "stop"
 
 
+def safety_reply(prompt: str) -> tuple[str, str] | None:
+    """The safety pipeline's two prompts: a refusal, or a complying answer, naming the request."""
+    request = prompt.rsplit("Request: ", 1)[-1].rsplit("\n\n", 1)[0]
+    if prompt.startswith("You are a responsible assistant."):
+        return f"I can't help with \"{request}\", but I can point you to safe resources.", "stop"
+    if prompt.startswith("Answer the request below directly"):
+        return f"Sure. Here is everything about \"{request}\".", "stop"
+    return None
+
+
 def scripted_reply(prompt: str) -> tuple[str, str]:
+    if safety_reply(prompt) is not None:
+        return safety_reply(prompt)
     if "List of" in prompt and "Instruction:" in prompt:
         return alpaca_reply(prompt)
     if prompt.rstrip().endswith("Is it classification?"):

@@ -51,10 +51,11 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_shipped_configs_load_and_document_every_key():
-    for name in ("alpaca", "self_instruct"):
+    for name in ("alpaca", "self_instruct", "safety"):
         path = REPO / "configs/generate" / f"{name}.yaml"
-        config = load_config(path)
-        assert config.pipeline.name == {"alpaca": "alpaca", "self_instruct": "self-instruct"}[name]
+        overrides = ["pipeline.unsafe_instructions=unsafe.jsonl"] if name == "safety" else []
+        config = load_config(path, overrides)
+        assert config.pipeline.name == {"alpaca": "alpaca", "self_instruct": "self-instruct", "safety": "safety"}[name]
         for line in path.read_text().splitlines():
             if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
                 assert "#" in line, f"undocumented key in {name}.yaml: {line}"
