@@ -2,9 +2,11 @@
 judge (real HTTP on 127.0.0.1), through the real CLI. One module-scoped sequence of runs:
 
 1. the whole recipe; 2. the same again: every stage skipped, no request paid twice, nothing
-retrained; 3. `dedup.threshold` changed, killed with SIGKILL once training has a checkpoint,
-then rerun: generation never reruns, dedup and every later stage do, and training resumes and
-ends bitwise where an uninterrupted `alpaca-jax train` of the same config ends."""
+retrained; 3. `dedup.threshold` changed (0.7 -> 0.71: no pair of these rows scores in between,
+so dedup keeps the same rows and training sees the same data and config), killed with SIGKILL
+once the new training run has a checkpoint, then rerun: generation never reruns, dedup and
+every later stage do, and training resumes and ends bitwise where run 1's uninterrupted
+training ended."""
 
 from __future__ import annotations
 
@@ -63,6 +65,8 @@ def runs(tmp_path_factory):
         out = {"recipe": path, "dir": root / "r", "teacher": teacher, "judge": judge}
 
         out["first"] = _run(path)
+        out["first_metrics"] = _metrics(root / "r" / "train" / "run")
+        out["first_data"] = (root / "r" / "dedup" / "data.json").read_bytes()
         out["after_first"] = {"teacher": len(teacher.log), "judge": len(judge.log),
                               "train": _tree_bytes(root / "r" / "train"), "hf": _tree_bytes(root / "r" / "export" / "hf")}
         out["second"] = _run(path)
@@ -71,7 +75,7 @@ def runs(tmp_path_factory):
 
         # 3: a changed dedup key, killed once the new training run has committed a checkpoint.
         old_train = json.loads((root / "r" / "train" / "manifest.json").read_text())["fingerprint"]
-        killed = subprocess.Popen(_recipe_command(path, "dedup.threshold=0.5"), env=ENV,
+        killed = subprocess.Popen(_recipe_command(path, "dedup.threshold=0.71"), env=ENV,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         checkpoints = root / "r" / "train" / "run" / "checkpoints"
         deadline = time.monotonic() + 300
@@ -89,18 +93,10 @@ def runs(tmp_path_factory):
         killed.send_signal(signal.SIGKILL)
         _, out["killed_log"] = killed.communicate(timeout=60)
         out["killed_manifest"] = json.loads((root / "r" / "train" / "manifest.json").read_text())
-        out["resumed"] = _run(path, "dedup.threshold=0.5")
-        out["status"] = _run(path, "dedup.threshold=0.5", "--status").stdout
+        out["resumed"] = _run(path, "dedup.threshold=0.71")
+        out["status"] = _run(path, "dedup.threshold=0.71", "--status").stdout
         out["after_third"] = {"teacher": len(teacher.log)}
 
-        # The reference: `alpaca-jax train` of the very config the recipe trained, uninterrupted.
-        config = json.loads((root / "r" / "train" / "manifest.json").read_text())["config"]
-        config["run"]["dir"] = str(root / "reference")
-        (root / "reference.yaml").write_text(yaml.safe_dump(config))
-        reference = subprocess.run([sys.executable, "-m", "alpaca_jax.cli", "train", str(root / "reference.yaml")],
-                                   env=ENV, capture_output=True, text=True, timeout=600)
-        assert reference.returncode == 0, reference.stderr[-3000:]
-        out["reference"] = root / "reference"
         yield out
     finally:
         teacher.stop()
@@ -120,9 +116,11 @@ def test_tiny_recipe_runs_end_to_end(runs):
     deduped = json.loads((recipe_dir / "dedup" / "data.json").read_text())
     assert len(generated) >= 24 and 0 < len(deduped) <= len(generated)
     assert runs["after_first"]["teacher"] > 0 and runs["after_first"]["judge"] > 0
-    # The export loads in transformers' own config class; the report holds funnel, curve, table.
-    from transformers import AutoConfig
-    assert AutoConfig.from_pretrained(recipe_dir / "export" / "hf").model_type == "llama"
+    # The export opens with the safetensors library; the report holds funnel, curve and table.
+    from safetensors import safe_open
+    with safe_open(recipe_dir / "export" / "hf" / "model.safetensors", "numpy") as f:
+        assert "model.embed_tokens.weight" in f.keys()
+    assert json.loads((recipe_dir / "export" / "hf" / "config.json").read_text())["hidden_size"] == 64
     report = (recipe_dir / "report.md").read_text()
     assert f"| kept by dedup | {len(deduped)} |" in report
     assert "![training loss](loss_train.png)" in report and (recipe_dir / "loss_train.png").read_bytes()[:4] == b"\x89PNG"
@@ -148,7 +146,7 @@ def test_changed_dedup_key_reruns_dedup_and_later_not_generation(runs):
     for stage in ("eval", "export"):
         assert _lines(resumed, f"{stage}: running (stale"), (stage, resumed[-2000:])
     assert runs["after_third"]["teacher"] == runs["after_first"]["teacher"]  # generation never re-paid
-    assert json.loads((runs["dir"] / "dedup" / "manifest.json").read_text())["config"]["threshold"] == 0.5
+    assert json.loads((runs["dir"] / "dedup" / "manifest.json").read_text())["config"]["threshold"] == 0.71
     assert all(line.split()[1] == "done" for line in runs["status"].splitlines()), runs["status"]
 
 
@@ -157,6 +155,8 @@ def test_sigkill_in_training_resumes_bitwise(runs):
     resumed = runs["resumed"].stderr
     assert _lines(resumed, "train: running (pending: interrupted")
     assert "resumed from checkpoint" in resumed
-    recipe_run = runs["dir"] / "train" / "run"
-    assert _metrics(recipe_run) == _metrics(runs["reference"])  # floats compared exactly
-    assert len(_metrics(recipe_run)) > 2
+    # The same rows and config as run 1, whose training was never interrupted.
+    assert (runs["dir"] / "dedup" / "data.json").read_bytes() == runs["first_data"]
+    resumed_metrics = _metrics(runs["dir"] / "train" / "run")
+    assert resumed_metrics == runs["first_metrics"]  # floats compared exactly
+    assert len(resumed_metrics) > 2

@@ -165,7 +165,7 @@ def _bounds(recipe: Recipe, start: str | None, until: str | None) -> tuple[int, 
     return first, last
 
 
-def _walk(recipe: Recipe, start: str | None, until: str | None, execute: bool, log) -> list[StageState]:
+def _walk(recipe: Recipe, start: str | None, until: str | None, execute: bool, log) -> list[tuple[StageState, _Planned]]:
     first, last = _bounds(recipe, start, until)
     latest: dict[str, tuple[str, Path]] = {}
     producers: dict[str, str] = {}
@@ -183,13 +183,15 @@ def _walk(recipe: Recipe, start: str | None, until: str | None, execute: bool, l
             break
         planned = _plan(recipe, name, latest)
         state = _judge(planned, reruns, producers)
-        states.append(state)
+        states.append((state, planned))
         if state.state != "done":
             reruns.add(name)
         if execute:
             log(f"{name}: {'skipped' if state.state == 'done' else 'running'} ({state.state}: {state.why})")
             if state.state != "done":
+                started = time.monotonic()
                 _run_stage(recipe, planned)
+                log(f"{name}: done in {time.monotonic() - started:.1f} s")
         for kind, rel in stage.produces.items():
             latest[kind], producers[kind] = (name, (planned.ctx.dir / rel)), name
     return states
@@ -230,15 +232,22 @@ def _run_stage(recipe: Recipe, planned: _Planned) -> None:
 
 def recipe_status(recipe: Recipe, start: str | None = None, until: str | None = None) -> list[StageState]:
     """Each stage's state and why, without running anything."""
-    return _walk(recipe, start, until, execute=False, log=None)
+    return [state for state, _ in _walk(recipe, start, until, execute=False, log=None)]
 
 
 def run_recipe(recipe: Recipe, start: str | None = None, until: str | None = None,
                log=lambda line: print(line, file=sys.stderr, flush=True)) -> list[StageState]:
     """Run the stages in [start, until] that are not done; write RECIPE_DIR/report.md."""
+    to_run = [(s, p) for s, p in _walk(recipe, start, until, execute=False, log=None) if s.state != "done"]
+    for state, planned in to_run:  # every config error before the first stage spends anything
+        try:
+            planned.stage.check(planned.config)
+        except ConfigError as e:
+            raise ConfigError(f"stage '{state.name}': {e}") from None
     recipe.dir.mkdir(parents=True, exist_ok=True)
-    states = _walk(recipe, start, until, execute=True, log=log)
-    write_report(recipe.dir, recipe.stages)
+    states = [state for state, _ in _walk(recipe, start, until, execute=True, log=log)]
+    if to_run or not (recipe.dir / "report.md").is_file():
+        write_report(recipe.dir, recipe.stages)
     log(f"report: {recipe.dir / 'report.md'}")
     return states
 

@@ -52,6 +52,9 @@ class Stage:
     run: Callable[[Any, StageContext], dict] | None = None
     keep_on_change: bool = False    # keep the stage dir when config or inputs change: paid work inside
     unavailable: str | None = None
+    # Checks that import heavy modules: run before the first stage runs, and only for the
+    # stages about to run, so a rerun that skips everything stays fast.
+    check: Callable[[Any], None] = lambda cfg: None
 
     def resolved(self, cfg: Any) -> Any:
         """The config as plain data, for the manifest and the fingerprint."""
@@ -174,7 +177,6 @@ def _build_eval(section: dict, ctx: StageContext) -> EvalStageConfig:
     cfg = build(EvalStageConfig, section, "eval")
     if not Path(cfg.data).is_file():
         raise ConfigError(f"config key 'eval.data': file not found: {cfg.data}")
-    _judge_config(cfg)
     return cfg
 
 
@@ -232,7 +234,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("train", consumes=("data",), produces={"model": "run"}, build=_build_train, run=_run_train),
     Stage("preference", unavailable="DPO (`alpaca-jax train` with a `preference:` section) is not in this build"),
     Stage("eval", consumes=("model",), produces={"results": "results.json"}, build=_build_eval,
-          external=lambda cfg: {"data": Path(cfg.data)}, run=_run_eval, keep_on_change=True),
+          external=lambda cfg: {"data": Path(cfg.data)}, run=_run_eval, keep_on_change=True,
+          check=_judge_config),
     Stage("export", consumes=("model",), produces={"hf": "hf"}, build=_build_export, run=_run_export),
 )}
 ORDER = tuple(STAGES)
