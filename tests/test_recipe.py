@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from helpers import make_tiny_run
 from judge_fakes import ScriptedJudge, fake_openai, prefers_good
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": "dummy"}
@@ -160,3 +161,22 @@ def test_sigkill_in_training_resumes_bitwise(runs):
     resumed_metrics = _metrics(runs["dir"] / "train" / "run")
     assert resumed_metrics == runs["first_metrics"]  # floats compared exactly
     assert len(resumed_metrics) > 2
+
+
+def test_closed_loop_serves_the_teacher_and_stops_it(tmp_path):
+    """`teacher_from`: the recipe serves an earlier model with `alpaca-jax serve` on 127.0.0.1,
+    the generator's requests reach it, and the server is stopped afterwards, also when the
+    stage fails (a random tiny model's context is too short for the Alpaca prompt: a 400)."""
+    model = make_tiny_run(tmp_path / "teacher")
+    recipe = {"dir": str(tmp_path / "r"), "teacher_from": str(model), "stages": ["generate"],
+              "generate": {"teacher": {"max_retries": 0, "max_connect_retries": 0, "max_concurrency": 1},
+                           "pipeline": {"num_instructions": 2, "requests_per_round": 1, "max_idle_rounds": 1},
+                           "output": {"progress": False}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    done = subprocess.run(_recipe_command(tmp_path / "r.yaml"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: stage 'generate' stopped")
+    log = (tmp_path / "r" / "generate" / "teacher_serve.log").read_text()
+    assert "as 'recipe-teacher' on http://127.0.0.1:" in log
+    assert '"POST /v1/completions HTTP/1.1" 400' in log       # the generator asked the served model
+    assert log.rstrip().endswith("Finished server process [" + log.split("Started server process [")[1].split("]")[0] + "]")

@@ -83,8 +83,7 @@ def _run_generate(cfg, ctx: StageContext) -> dict:
     except TeacherFatalError as e:
         raise RecipeError(f"stage 'generate': {e}") from None
     if report["stop"] != "target":
-        raise RecipeError(f"stage 'generate' stopped before pipeline.num_instructions: "
-                          f"{report['stop_reason']}; rerun the recipe to continue")
+        raise RecipeError(f"stage 'generate' stopped before pipeline.num_instructions: {report['stop_reason']}")
     return {"kept": report["kept"], "candidates": report["candidates"], "dropped": report["dropped"],
             "cost_usd": report["tokens"]["cost_usd"], "tokens": report["tokens"]["total"]}
 
