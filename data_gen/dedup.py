@@ -86,18 +86,6 @@ class _Growable:
         return self._data[: self.size]
 
 
-class _Scratch:
-    """A zero-filled array kept between queries (callers restore the zeros they change)."""
-
-    def __init__(self, dtype):
-        self._data = np.zeros(0, dtype)
-
-    def reserve(self, size: int) -> np.ndarray:
-        if len(self._data) < size:
-            self._data = np.zeros(max(size, 2 * len(self._data)), self._data.dtype)
-        return self._data
-
-
 class RougeDeduplicator:
     """A growing pool of tokenized instructions that answers 'is this a near-duplicate?'."""
 
@@ -120,7 +108,6 @@ class RougeDeduplicator:
         self._needed: dict[int, np.ndarray] = {}   # m -> least duplicate LCS by partner length
         self._plans: dict[int, tuple] = {}         # m -> (longest, probe plan)
         self._in_query = np.zeros(0, bool)         # scratch: marks the query's elements
-        self._hits = _Scratch(np.int32)            # scratch: hits per pool entry in one query
         self._scan = _PoolScanner()
 
     def __len__(self) -> int:
@@ -283,10 +270,10 @@ class RougeDeduplicator:
         # bound shrinks hit by hit; a pair is dropped when any of its hits falls below the need.
         packed = np.frombuffer(found, np.int64)
         entry = packed >> _POSITION_BITS
-        after = np.minimum(m - 1 - np.repeat(np.asarray(positions, np.int64), sizes),
-                           self._lengths.view[entry] - 1 - (packed & _POSITION_MASK))
-        del packed  # the view must not outlive `found`
         lengths = self._lengths.view[entry]
+        after = np.minimum(m - 1 - np.repeat(np.asarray(positions, np.int64), sizes),
+                           lengths - 1 - (packed & _POSITION_MASK))
+        del packed  # the view must not outlive `found`
         candidates, inverse, hits = np.unique(entry, return_inverse=True, return_counts=True)
         hopeless = np.zeros(len(candidates), bool)
         hopeless[inverse[hits[inverse] + after < row[lengths]]] = True  # some hit's bound fails
