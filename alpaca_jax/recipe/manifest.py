@@ -21,9 +21,17 @@ __all__ = ["hash_path", "fingerprint", "read_manifest", "write_manifest", "MANIF
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
+# Files above this are hashed by size and modification time, not bytes: a 7B run's checkpoints
+# are tens of GB, and every rerun checks every stage's outputs. A replaced or rewritten file
+# changes its mtime; only an edit that restores the mtime by hand would go unseen.
+CONTENT_HASH_LIMIT = 256 << 20
 
 
 def _hash_file(path: Path, digest) -> None:
+    stat = path.stat()
+    if stat.st_size > CONTENT_HASH_LIMIT:
+        digest.update(f"size={stat.st_size} mtime_ns={stat.st_mtime_ns}".encode())
+        return
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
@@ -31,7 +39,7 @@ def _hash_file(path: Path, digest) -> None:
 
 def hash_path(path: str | Path) -> str | None:
     """sha256 of a file's bytes, or of a folder's files (relative paths and bytes, sorted);
-    None when the path is absent."""
+    files over CONTENT_HASH_LIMIT count by size and mtime. None when the path is absent."""
     path = Path(path)
     digest = hashlib.sha256()
     if path.is_file():
