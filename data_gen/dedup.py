@@ -274,10 +274,13 @@ class RougeDeduplicator:
         after = np.minimum(m - 1 - np.repeat(np.asarray(positions, np.int64), sizes),
                            lengths - 1 - (packed & _POSITION_MASK))
         del packed  # the view must not outlive `found`
-        candidates, inverse, hits = np.unique(entry, return_inverse=True, return_counts=True)
-        hopeless = np.zeros(len(candidates), bool)
-        hopeless[inverse[hits[inverse] + after < row[lengths]]] = True  # some hit's bound fails
-        candidates = candidates[~hopeless]
+        # Group the hits by pair: the postings are ascending runs, which a stable sort merges.
+        order = np.argsort(entry, kind="stable")
+        entry, after, need = entry[order], after[order], row[lengths[order]]
+        starts = np.flatnonzero(np.concatenate(([True], entry[1:] != entry[:-1])))
+        hits = np.diff(np.append(starts, len(entry)))
+        hopeless = np.logical_or.reduceat(np.repeat(hits, hits) + after < need, starts)
+        candidates = entry[starts][~hopeless]  # pairs whose every hit can still reach the need
         if not len(candidates):
             return False
         lengths = self._lengths.view[candidates]
