@@ -27,6 +27,7 @@ examples:
   alpaca-jax generate configs/generate/alpaca.yaml  # Self-Instruct data through a teacher LLM
   alpaca-jax dedup in.jsonl -o out.jsonl --threshold 0.7
   alpaca-jax curate data.json -o curated.json --judge configs/generate/curate.yaml   # judge-scored curation
+  alpaca-jax recipe configs/recipes/alpaca.yaml          # generate -> dedup -> train -> eval -> export, resumable
   alpaca-jax eval runs/a runs/b --data user_oriented_instructions.jsonl -o eval/ab --judge configs/judge/default.yaml
   alpaca-jax eval runs/a --tasks my_mc,my_qa --include-path tasks/ --num-fewshot 5 -o eval/a
 """
@@ -189,11 +190,48 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-ui", dest="ui", action="store_false",
                        help="do not serve the chat page at / (the API only)")
 
+    _add_recipe_parser(sub)
+
     for name, text in (("generate", "generate instruction data with a teacher LLM (Self-Instruct / Alpaca)"),
                        ("dedup", "drop near-duplicate instructions by ROUGE-L (rouge-score semantics)"),
                        ("curate", "keep the rows a judge LLM scores highly (AlpaGasus-style)")):
         sub.add_parser(name, help=text, add_help=False)
     return parser
+
+
+_RECIPE_HELP = "run the whole pipeline from one YAML, each stage skipped while unchanged"
+
+
+_RECIPE_TEXTS = dict(
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run RECIPE's stages in order: generate -> dedup -> curate -> train -> preference "
+                    "-> eval -> export. Each stage's section is the config its own command takes; "
+                    "each writes under RECIPE_DIR/<stage>/ with manifest.json (resolved config, input "
+                    "hashes, output hashes, status). A rerun skips every stage whose config and inputs "
+                    "are unchanged and whose outputs are complete; a changed key reruns its stage and "
+                    "every later one; a killed stage resumes inside. Writes RECIPE_DIR/report.md.",
+        epilog="example: alpaca-jax recipe configs/recipes/tiny.yaml dedup.threshold=0.6 --status")
+
+
+def _add_recipe_parser(sub) -> argparse.ArgumentParser:
+    return _add_recipe_arguments(sub.add_parser("recipe", help=_RECIPE_HELP, **_RECIPE_TEXTS))
+
+
+def _add_recipe_arguments(recipe: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    recipe.add_argument("recipe", metavar="RECIPE", help="recipe YAML (e.g. configs/recipes/alpaca.yaml)")
+    recipe.add_argument("overrides", nargs="*", help="key=value overrides, e.g. dedup.threshold=0.6 dir=runs/r2")
+    recipe.add_argument("--status", action="store_true", help="print each stage: done, stale or pending, and why; run nothing")
+    recipe.add_argument("--from", dest="start", metavar="STAGE", help="start at STAGE (earlier stages must be done)")
+    recipe.add_argument("--until", metavar="STAGE", help="stop after STAGE")
+    return recipe
+
+
+def _recipe_parser() -> argparse.ArgumentParser:
+    """`recipe` alone: its overrides may come before or after the options (parse_intermixed_args
+    refuses subparsers, hence this second parser with the same arguments)."""
+    parser = argparse.ArgumentParser(prog="alpaca-jax recipe", **_RECIPE_TEXTS)
+    parser.set_defaults(command="recipe")
+    return _add_recipe_arguments(parser)
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
@@ -235,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("generate", "dedup", "curate"):
         from data_gen.cli import main as data_gen_main  # data_gen parses its own arguments
         return data_gen_main(argv)
-    args = _parser().parse_args(argv)
+    if argv and argv[0] == "recipe":
+        args = _recipe_parser().parse_intermixed_args(argv[1:])
+    else:
+        args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
     except _user_errors() as e:
@@ -270,6 +311,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(commented_yaml(load_config(*_split_config(args))), end="")
     elif args.command == "plan":
         _plan(args)
+    elif args.command == "recipe":
+        _recipe(args)
     elif args.command == "export-hf":
         from alpaca_jax.configlib import parse_bytes
         max_shard_size = parse_bytes(args.max_shard_size)
@@ -331,6 +374,15 @@ def _plan(args: argparse.Namespace) -> None:
     print(format_plan(plan_memory(cfg, devices), cfg, memory))
 
 
+def _recipe(args: argparse.Namespace) -> None:
+    from alpaca_jax.recipe import format_status, load_recipe, recipe_status, run_recipe
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.status:
+        print(format_status(recipe_status(recipe, args.start, args.until)), end="")
+    else:
+        run_recipe(recipe, args.start, args.until)
+
+
 def _eval(args: argparse.Namespace) -> None:
     from alpaca_jax.eval import evaluate, load_judge_config, markdown_table
     judge = load_judge_config(args.judge) if args.judge else None
@@ -348,7 +400,8 @@ USER_ERRORS = {"alpaca_jax.configlib": "ConfigError", "alpaca_jax.data.records":
                "alpaca_jax.checkpoint": "CheckpointError", "alpaca_jax.hf.errors": "ConversionError",
                "alpaca_jax.infer.decode": "PromptError", "alpaca_jax.infer.conversation": "ConversationError",
                "alpaca_jax.eval.runner": "EvalError", "alpaca_jax.eval.judge": "JudgeError",
-               "alpaca_jax.eval.tasks": "TaskError"}
+               "alpaca_jax.eval.tasks": "TaskError",
+               "alpaca_jax.recipe.stages": "RecipeError"}
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

@@ -2,15 +2,22 @@
 
 Alpaca keeps a generated instruction only if its ROUGE-L F-measure against every instruction
 already kept is <= 0.7. The reference computes the LCS against the whole pool for every
-candidate: O(N²) pairs of O(m·n) Python work, hours at 52K. We take the same decisions with:
+candidate: O(N²) pairs of O(m·n) Python work, hours at 52K. We take the same decisions as a
+set-similarity join (AllPairs / PPJoin: Bayardo et al. 2007, Xiao et al. 2008):
 
-1. **Prefix filtering** (Chaudhuri et al. 2006; Bayardo et al. 2007). A near-duplicate pair
-   needs LCS >= L* (`min_duplicate_lcs`), and the LCS is at most the number of shared tokens
-   counted with multiplicity. Turn each token bag into a set of (token, occurrence) elements and
-   sort every set by one global order, rare elements first: two sets sharing >= k elements
-   must share one among the first |x|-k+1 of each. Only pool entries whose prefix meets the
-   candidate's prefix are looked at; with rare-first order that is a handful per candidate.
-2. **Exact bit-parallel LCS** on those survivors, stopping at the first duplicate.
+1. **The bound.** With P = L/n and R = L/m, rouge-score's F = 2PR/(P+R) = 2L/(m+n), so
+   F > t needs LCS L > t(m+n)/2 (for t = 0.7: L > 0.35(m+n)); `min_duplicate_lcs` gives the
+   exact integer, computed with rouge-score's own float expression. The LCS is at most the
+   shared tokens counted with multiplicity: turn each token bag into a set of (token, k-th
+   occurrence) elements, and that overlap is a set intersection.
+2. **Prefix filtering.** Sort every element set by one global order, rare elements first: two
+   sets sharing >= k elements share one among the first |x|-k+1 of each. Each pool entry is
+   indexed under its prefix only; a query looks up its own prefix.
+3. **Vectorised filters.** The postings of a small-vocabulary corpus (a weak teacher's: most
+   instructions share most words) grow with the pool, so the candidate pairs are filtered with
+   numpy, not a Python loop: the length bound, then the exact shared-element count, each over
+   all candidates of a query at once. Only pairs whose count reaches the needed LCS get an
+   exact bit-parallel LCS (Python big ints), and the query stops at its first duplicate.
 
 The global order is the element frequency in the pool at the last re-index; the index is
 rebuilt whenever the pool doubles (amortised O(N)), which keeps the prefixes rare as the pool
@@ -25,10 +32,11 @@ Not here: tokenization and the F-measure itself (`rouge.py`), reading files (`de
 from __future__ import annotations
 
 import json
-from collections import Counter
+import math
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
@@ -38,10 +46,44 @@ from data_gen.rouge import (get_tokenizer, lcs_length_with_masks, min_duplicate_
 
 __all__ = ["RougeDeduplicator", "DedupResult", "deduplicate", "dedup_file", "read_instructions"]
 
-# Element = (token id, occurrence number) packed into one int; occurrences beyond this are
-# clipped, which only merges elements and so can only keep more pairs (still correct).
-_OCC_BITS = 16
 _MIN_REINDEX = 256
+_NEVER = np.iinfo(np.int32).max  # "no LCS reaches the threshold" in a row of needed lengths
+# A posting packs (pool entry, position in its order); a clipped position only loosens the
+# positional bound. The posting key packs (element, length bucket).
+_POSITION_BITS = 16
+_POSITION_MASK = (1 << _POSITION_BITS) - 1
+_BUCKET_BITS = 6
+_NEW_KEY = 1 << 40  # sort keys of elements added since the last re-index: id - _NEW_KEY
+
+
+def _length_bucket(n: int) -> int:
+    """Postings are split by partner length: exact up to 8 tokens, then ~15% wide buckets
+    (each query probes every bucket its length allows: fewer buckets, fewer look-ups)."""
+    if n <= 32:
+        return n
+    return min(32 + int(math.log(n / 32) / math.log(1.15)) + 1, (1 << _BUCKET_BITS) - 1)
+
+
+class _Growable:
+    """An append-only numpy array (capacity doubles), read as `.view`."""
+
+    def __init__(self, dtype):
+        self._data = np.zeros(64, dtype)
+        self.size = 0
+
+    def extend(self, values) -> None:
+        values = np.asarray(values, self._data.dtype)
+        end = self.size + len(values)
+        if end > len(self._data):
+            grown = np.zeros(max(end, 2 * len(self._data)), self._data.dtype)
+            grown[: self.size] = self._data[: self.size]
+            self._data = grown
+        self._data[self.size:end] = values
+        self.size = end
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._data[: self.size]
 
 
 class RougeDeduplicator:
@@ -53,13 +95,19 @@ class RougeDeduplicator:
         self.threshold = threshold
         self.tokenize = get_tokenizer(tokenizer)
         self._vocab: dict[str, int] = {}
-        self._pool: list[list[int]] = []          # token ids per pool entry
-        self._elements: list[list[int]] = []      # element ids per pool entry (unsorted)
-        self._element_sets: list[frozenset] = []  # the same, for C-speed overlap counts
-        self._element_count: Counter = Counter()  # live counts, for the next re-index
-        self._rank: dict[int, int] = {}           # frozen global order (smaller = rarer)
-        self._postings: dict[int, list[int]] = {}
+        self._element_ids: dict[tuple[int, int], int] = {}  # (token id, occurrence) -> element id
+        self._pool: list[list[int]] = []           # token ids per pool entry (for the LCS)
+        self._lengths = _Growable(np.int32)        # tokens per pool entry
+        self._flat = _Growable(np.int32)           # element ids of all entries, one after another
+        self._starts = _Growable(np.int64)         # where each entry's elements begin in _flat
+        self._element_count: list[int] = []       # pool entries holding each element (re-index)
+        self._sort_key: list[int] = []            # element -> its place in the global order
+        self._postings: dict[int, array] = {}      # (element, length bucket) -> packed postings
         self._indexed_at = 0
+        self._longest = 0                          # longest pool entry posted
+        self._needed: dict[int, np.ndarray] = {}   # m -> least duplicate LCS by partner length
+        self._plans: dict[int, tuple] = {}         # m -> (longest, probe plan)
+        self._in_query = np.zeros(0, bool)         # scratch: marks the query's elements
         self._scan = _PoolScanner()
 
     def __len__(self) -> int:
@@ -97,78 +145,173 @@ class RougeDeduplicator:
             return [vocab.setdefault(t, len(vocab) + 1) for t in tokens]
         return [vocab.get(t, -1) for t in tokens]
 
+    def _elements(self, ids: list[int]) -> list[int]:
+        """Bag of tokens -> set of (token, k-th occurrence) ids: set overlap = multiset overlap.
+
+        Elements the pool has never held get -1 - position: distinct, and matching nothing."""
+        seen: dict[int, int] = {}
+        table = self._element_ids
+        out = []
+        for i, token in enumerate(ids):
+            k = seen.get(token, 0)
+            seen[token] = k + 1
+            out.append(table.get((token, k), -1 - i))
+        return out
+
     def _add_ids(self, ids: list[int]) -> None:
         index = len(self._pool)
-        elements = _elements(ids)
+        seen: dict[int, int] = {}
+        table = self._element_ids
+        elements = []
+        for token in ids:
+            k = seen.get(token, 0)
+            seen[token] = k + 1
+            element = table.setdefault((token, k), len(table))
+            if element == len(self._element_count):
+                self._element_count.append(0)
+                self._sort_key.append(element - _NEW_KEY)
+            self._element_count[element] += 1
+            elements.append(element)
         self._pool.append(ids)
-        self._elements.append(elements)
-        self._element_sets.append(frozenset(elements))
-        self._element_count.update(elements)
+        self._lengths.extend([len(ids)])
+        self._starts.extend([self._flat.size])
+        self._flat.extend(elements)
         self._scan.add(ids)
         if len(self._pool) >= max(_MIN_REINDEX, 2 * self._indexed_at):
             self._reindex()
         else:
-            self._index(index)
+            self._index(index, elements)
 
     def _reindex(self) -> None:
-        order = sorted(self._element_count, key=lambda e: (self._element_count[e], e))
-        self._rank = {e: r for r, e in enumerate(order)}
+        counts = np.asarray(self._element_count, np.int64)
+        order = np.lexsort((np.arange(len(counts)), counts))  # rare first, ties by id
+        rank = np.empty(len(counts), np.int64)
+        rank[order] = np.arange(len(counts))
+        self._sort_key = rank.tolist()
         self._postings = {}
         self._indexed_at = len(self._pool)
-        for index in range(len(self._pool)):
-            self._index(index)
+        flat, starts = self._flat.view, self._starts.view
+        for index, n in enumerate(self._lengths.view.tolist()):
+            start = int(starts[index])
+            self._index(index, flat[start:start + n].tolist())
 
-    def _prefix(self, elements: list[int]) -> list[int]:
-        need = min_duplicate_lcs_any(len(elements), self.threshold)
+    def _order(self, elements: list[int]) -> list[int]:
+        """`elements` in the global order: ranked at the last re-index (rare first), before
+        them the elements added since (by id), before those the query's never-seen ones. The
+        order stays fixed until the next re-index, which is all prefix filtering needs."""
+        keys = self._sort_key
+        return sorted(elements, key=lambda e: keys[e] if e >= 0 else e - _NEW_KEY)
+
+    def _index(self, index: int, elements: list[int]) -> None:
+        """Post the entry under the prefix that any partner length would need (see `_probe_plan`),
+        each posting packed as (entry << 16 | position of the element in the entry's order)."""
+        n = len(elements)
+        need = min_duplicate_lcs_any(n, self.threshold)
         if need is None:
-            return []
-        # Elements never seen at the last re-index sort first (count 0), ties by id.
-        rank = self._rank
-        ordered = sorted(elements, key=lambda e: (rank.get(e, -1), e))
-        return ordered[: len(elements) - need + 1]
+            return
+        postings, bucket = self._postings, _length_bucket(n)
+        self._longest = max(self._longest, n)
+        for position, element in enumerate(self._order(elements)[: n - need + 1]):
+            key = element << _BUCKET_BITS | bucket
+            entries = postings.get(key)
+            if entries is None:
+                postings[key] = entries = array("q")
+            entries.append(index << _POSITION_BITS | min(position, _POSITION_MASK))
 
-    def _index(self, index: int) -> None:
-        for element in self._prefix(self._elements[index]):
-            self._postings.setdefault(element, []).append(index)
+    def _need_row(self, m: int) -> np.ndarray:
+        """Least duplicate LCS for query length m against each partner length 0..longest."""
+        row = self._needed.get(m)
+        if row is None or len(row) <= self._longest:
+            size = max(self._longest + 1, 2 * len(row) if row is not None else 64)
+            row = np.array([_NEVER] + [min_duplicate_lcs(m, n, self.threshold) or _NEVER
+                                      for n in range(1, size)], np.int64)
+            self._needed[m] = row
+        return row
+
+    def _probe_plan(self, m: int, row: np.ndarray) -> list[tuple[int, int]]:
+        """[(length bucket, probe prefix length)] for a query of m tokens.
+
+        Prefix filtering holds for each partner length n with the pair's own bound: the
+        query needs only its first m - need(m, n) + 1 elements against partners of length n
+        (the partner posted a prefix at least that long). need grows with n, so a query
+        probes long partners with a short prefix; per bucket, the least need in it counts."""
+        longest, plan = self._plans.get(m, (None, None))
+        if longest != self._longest:
+            feasible = np.flatnonzero(row[: self._longest + 1] != _NEVER)
+            least: dict[int, int] = {}
+            for n in feasible.tolist():
+                bucket = _length_bucket(n)
+                least[bucket] = min(least.get(bucket, _NEVER), int(row[n]))
+            plan = [(bucket, m - need + 1) for bucket, need in sorted(least.items())]
+            self._plans[m] = (self._longest, plan)
+        return plan
 
     def _is_near_duplicate(self, ids: list[int]) -> bool:
         m = len(ids)
         if m == 0 or not self._pool:
             return False
-        elements = _elements(ids)
-        seen: set[int] = set()
+        elements = self._elements(ids)
+        ordered = self._order(elements)
+        row = self._need_row(m)
         postings = self._postings
-        for element in self._prefix(elements):
-            seen.update(postings.get(element, ()))
-        if not seen:
+        found, sizes, positions = array("q"), [], []
+        for bucket, prefix in self._probe_plan(m, row):
+            for position in range(prefix):
+                entries = postings.get(ordered[position] << _BUCKET_BITS | bucket)
+                if entries:
+                    found.extend(entries)  # a memcpy
+                    sizes.append(len(entries))
+                    positions.append(position)
+        if not sizes:
             return False
-        query = set(elements)
+        # Positional filter (PPJoin, Xiao et al. 2008). Every element the pair shares before a
+        # hit at position i of the query's order and j of the partner's lies in both probed
+        # prefixes, so it is a hit too: overlap <= hits(pair) + min(m - i - 1, n - j - 1). The
+        # bound shrinks hit by hit; a pair is dropped when any of its hits falls below the need.
+        packed = np.frombuffer(found, np.int64)
+        entry = packed >> _POSITION_BITS
+        lengths = self._lengths.view[entry]
+        after = np.minimum(m - 1 - np.repeat(np.asarray(positions, np.int64), sizes),
+                           lengths - 1 - (packed & _POSITION_MASK))
+        del packed  # the view must not outlive `found`
+        # Group the hits by pair: the postings are ascending runs, which a stable sort merges.
+        order = np.argsort(entry, kind="stable")
+        entry, after, need = entry[order], after[order], row[lengths[order]]
+        starts = np.flatnonzero(np.concatenate(([True], entry[1:] != entry[:-1])))
+        hits = np.diff(np.append(starts, len(entry)))
+        hopeless = np.logical_or.reduceat(np.repeat(hits, hits) + after < need, starts)
+        candidates = entry[starts][~hopeless]  # pairs whose every hit can still reach the need
+        if not len(candidates):
+            return False
+        lengths = self._lengths.view[candidates]
+        shared = self._shared_elements(elements, candidates, lengths)
+        survivors = candidates[shared >= row[lengths]].tolist()
+        if not survivors:
+            return False
         masks: dict[int, int] = {}
         for i, token in enumerate(ids):
             masks[token] = masks.get(token, 0) | (1 << i)
-        pool, sets, threshold = self._pool, self._element_sets, self.threshold
-        for index in seen:
+        pool, threshold = self._pool, self.threshold
+        for index in survivors:
             other = pool[index]
-            need = min_duplicate_lcs(m, len(other), threshold)
-            # Shared tokens (with multiplicity) bound the LCS from above: a set intersection
-            # in C rejects most prefix matches before the Python-level LCS loop runs.
-            if need is None or len(query.intersection(sets[index])) < need:
-                continue
-            if lcs_length_with_masks(masks, m, other) >= need:
+            if lcs_length_with_masks(masks, m, other) >= min_duplicate_lcs(m, len(other), threshold):
                 return True
         return False
 
-
-def _elements(ids: Sequence[int]) -> list[int]:
-    """Bag of tokens -> set of (token, k-th occurrence): set overlap = multiset overlap."""
-    seen: dict[int, int] = {}
-    out = []
-    cap = (1 << _OCC_BITS) - 1
-    for token in ids:
-        k = seen.get(token, 0)
-        seen[token] = k + 1
-        out.append((token << _OCC_BITS) | min(k, cap))
-    return out
+    def _shared_elements(self, elements: list[int], candidates: np.ndarray,
+                         lengths: np.ndarray) -> np.ndarray:
+        """Elements each candidate shares with the query (= shared tokens with multiplicity)."""
+        known = np.asarray([e for e in elements if e >= 0], np.int64)
+        if len(self._in_query) < len(self._element_ids):
+            self._in_query = np.zeros(2 * len(self._element_ids), bool)
+        mark = self._in_query
+        mark[known] = True
+        # Gather every candidate's run of elements from the flat array in one index vector.
+        ends = np.cumsum(lengths)
+        offsets = np.repeat(self._starts.view[candidates] - (ends - lengths), lengths)
+        hits = mark[self._flat.view[offsets + np.arange(int(ends[-1]))]]
+        mark[known] = False
+        return np.add.reduceat(hits, ends - lengths, dtype=np.int64)
 
 
 class _PoolScanner:

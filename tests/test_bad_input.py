@@ -192,6 +192,21 @@ ROWS = [
     Row("config-unknown-key", ("config", "model.bogus=1"), ("model.bogus",)),
     Row("config-wrong-literal", ("config", "model.remat=some"), ("model.remat", "some")),
     Row("config-missing-file", ("config", "{tmp}/nope.yaml"), ("{tmp}/nope.yaml",)),
+    # -- recipe ---------------------------------------------------------------------------------
+    Row("recipe-unknown-stage", ("recipe", "{tmp}/r.yaml"), ("unknown stage 'distill'", "generate, dedup"),
+        files={"r.yaml": "dir: r\ndistill: {}\n"}),
+    Row("recipe-unknown-stage-listed", ("recipe", "{tmp}/r.yaml", "stages=[dedup,bogus]"), ("unknown stage 'bogus'", "stages"),
+        files={"r.yaml": "dir: r\ndedup: {input: x.json}\n"}),
+    Row("recipe-stage-config-error", ("recipe", "{tmp}/r.yaml", "train.optimizer.learning_rate=fast"),
+        ("stage 'train'", "optimizer.learning_rate", "fast"),
+        files={"r.yaml": "dir: r\ndedup: {input: in.jsonl}\ntrain: {}\n", "in.jsonl": ROW}),
+    Row("recipe-stage-unknown-key", ("recipe", "{tmp}/r.yaml", "--status"), ("stage 'dedup'", "dedup.thresold"),
+        files={"r.yaml": "dir: r\ndedup: {input: in.jsonl, thresold: 0.5}\n", "in.jsonl": ROW}),
+    Row("recipe-from-missing-input", ("recipe", "{tmp}/r.yaml", "--from", "train"),
+        ("--from train", "stage 'train' input 'data'", "stage 'dedup' has not finished"),
+        files={"r.yaml": "dir: r\ndedup: {input: in.jsonl}\ntrain: {}\n", "in.jsonl": ROW}),
+    Row("recipe-unavailable-stage", ("recipe", "{tmp}/r.yaml"), ("stage 'curate'", "not available"),
+        files={"r.yaml": "dir: r\ncurate: {}\n"}),
 ]
 
 

@@ -16,7 +16,7 @@ from rouge_score import rouge_scorer, tokenize
 from data_gen.dedup import RougeDeduplicator, deduplicate
 from data_gen.rouge import (lcs_length, min_duplicate_lcs, rouge_l_fmeasure, rouge_tokenize,
                             unicode_tokenize)
-from data_gen.synthetic import instruction_stream
+from data_gen.synthetic import instruction_stream, small_vocabulary_stream, word_bag_stream
 
 EDGE_CASES = ["", "   ", "!!!", "Hello, World!", "héllo wörld", "İstanbul", "\u212a elvin", "ｆｕｌｌ width",
               "中文 text 混合", "don't stop-believing", "A\u00a0B", "x" * 50, "ﬁne ﬂow", "emoji 😀 test",
@@ -92,6 +92,20 @@ def test_dedup_decisions_equal_reference(threshold, count):
         ours[i] = True
     assert ours == expected
     assert 0.2 * len(stream) < len(result.dropped) < 0.9 * len(stream)  # the test has teeth
+
+
+@pytest.mark.parametrize("stream,threshold", [
+    (lambda: small_vocabulary_stream(700, seed=1), 0.7),   # frames: pairs share most words, in order
+    (lambda: word_bag_stream(400, seed=2), 0.7),           # bags: overlap far above the LCS
+    (lambda: word_bag_stream(300, seed=3), 0.35),
+], ids=["frames-0.7", "bags-0.7", "bags-0.35"])
+def test_dedup_of_a_small_vocabulary_equals_reference(stream, threshold):
+    """The corpora where overlap bounds prune least (every pair shares words): same decisions."""
+    texts = stream()
+    expected = _reference_keep(texts, threshold)
+    result = deduplicate(texts, threshold)
+    assert [i in set(result.kept) for i in range(len(texts))] == expected
+    assert 0.1 * len(texts) < len(result.dropped) < 0.95 * len(texts)  # the test has teeth
 
 
 def test_dedup_against_a_seed_pool_equals_reference():
