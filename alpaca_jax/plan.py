@@ -30,7 +30,7 @@ import numpy as np
 from alpaca_jax import sharding
 from alpaca_jax.config import Config
 from alpaca_jax.configlib import parse_bytes  # noqa: F401  (re-exported: it lived here first)
-from alpaca_jax.model.attention import FUSED_KERNELS, select_attention
+from alpaca_jax.model.attention import FUSED_KERNELS, AttentionShape, select_attention
 from alpaca_jax.model.layers import DTYPES
 from alpaca_jax.model.params import logical_axes, param_shapes
 from alpaca_jax.train import adapters
@@ -71,7 +71,9 @@ def _activation_bytes(cfg: Config, rows: int, axis_sizes: dict[str, int], platfo
     t, length, h = rows * cfg.data.max_len, cfg.data.max_len, m.resolved_head_dim
     heads, kv, mlp = m.num_heads / tensor, m.num_kv_heads / tensor, m.intermediate_size / tensor
     scores = 2 * rows * heads * length * length * size           # scores + probabilities
-    if select_attention(m.attention, platform, h).implementation in FUSED_KERNELS:
+    split = sharding.attention_split(axis_sizes, cfg.mesh.rules)
+    shape = AttentionShape(h, m.num_heads, m.num_kv_heads, rows * split.size(split.batch), m.dtype)
+    if select_attention(m.attention, platform, shape, split.devices, split).implementation in FUSED_KERNELS:
         scores = 0
     dense = t * (4 * m.hidden_size + (2 * heads + 2 * kv) * h + 3 * mlp) * size
     per_block = {"none": dense + scores, "save_dots": dense + scores, "minimal": dense,

@@ -117,6 +117,15 @@ def _median(xs):
 
 
 # -- the JAX worker --------------------------------------------------------------------------
+def _xla_step_bytes(memory) -> int | None:
+    """Device bytes of a compiled step by XLA's buffer assignment (None where not reported)."""
+    if memory is None:
+        return None
+    return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+               + memory.temp_size_in_bytes)
+
+
+
 def _attention_timings(cfg_model, seq: int, batch: int, segments, reps: int) -> dict:
     """Forward + backward of attention alone, per implementation this platform can run."""
     import jax
@@ -165,7 +174,7 @@ def jax_worker(shape: dict, steps: int) -> dict:
 
     from alpaca_jax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
     from alpaca_jax.model import Llama, init_params, logical_axes
-    from alpaca_jax.model.attention import select_attention
+    from alpaca_jax.model.attention import AttentionShape, select_attention
     from alpaca_jax.plan import plan_memory
     from alpaca_jax.train.loss import run_loss_chunk
     from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -185,7 +194,8 @@ def jax_worker(shape: dict, steps: int) -> dict:
     if limit and plan.total > 0.85 * limit:  # the planner says it would not fit: recompute blocks
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, remat="full"))
         plan = plan_memory(cfg, 1, platform)
-    attention = select_attention("auto", platform, model_cfg.resolved_head_dim)
+    attention = select_attention("auto", platform, AttentionShape(
+        model_cfg.resolved_head_dim, model_cfg.num_heads, model_cfg.num_kv_heads, batch, model_cfg.dtype))
     loss_chunk, loss_reason = run_loss_chunk(cfg, {"data": 1, "fsdp": 1, "tensor": 1})
 
     packed, data_stats = packed_batch(seq, batch, model_cfg.vocab_size)
@@ -197,9 +207,12 @@ def jax_worker(shape: dict, steps: int) -> dict:
     step = jax.jit(functools.partial(train_step, model=Llama(cfg.model), optimizer=optimizer,
                                      schedule=schedule, loss_chunk=loss_chunk), donate_argnums=0)
     start = time.perf_counter()
-    state, metrics = step(state, batch_arrays)
+    compiled = step.lower(state, batch_arrays).compile()
+    memory = compiled.memory_analysis()  # XLA's own buffer plan of the step (any platform)
+    state, metrics = compiled(state, batch_arrays)
     first_loss = float(metrics["loss"])
     compile_s = time.perf_counter() - start
+    step = compiled
     state, metrics = step(state, batch_arrays)  # untimed, as on the PyTorch side
     times = []
     for _ in range(steps):
@@ -212,6 +225,7 @@ def jax_worker(shape: dict, steps: int) -> dict:
     flops = model_flops_per_token(shape["model"], seq) * tokens
     peak = next((v for k, v in PEAK_BF16.items() if device.device_kind.startswith(k)), None)
     stats = device.memory_stats() or {}
+    xla_bytes = _xla_step_bytes(memory)
     return {
         "device_kind": device.device_kind, "platform": platform, "jax_version": jax.__version__,
         "attention": attention.implementation, "attention_reason": attention.reason,
@@ -228,6 +242,10 @@ def jax_worker(shape: dict, steps: int) -> dict:
                           "optimizer": plan.optimizer, "activations": plan.activations},
         "peak_over_planner": (round(stats["peak_bytes_in_use"] / plan.total, 3)
                               if stats.get("peak_bytes_in_use") else None),
+        # XLA's buffer assignment for the step: arguments + outputs - donated + temporaries. On
+        # CPU, which has no memory_stats, this is the peak the planner is checked against.
+        "xla_step_bytes": xla_bytes,
+        "xla_step_over_planner": round(xla_bytes / plan.total, 3) if xla_bytes else None,
         "first_loss": first_loss, "last_loss": float(metrics["loss"]),
         "attention_only": _attention_timings(cfg.model, seq, batch, batch_arrays["segment_ids"][0], reps=3),
     }

@@ -161,8 +161,10 @@ def _decide(requested: str, platform: str, shape: AttentionShape, devices: int =
     if requested == "auto":
         candidates = DEFAULT_ORDER.get(platform, ()) if order is None else order
         if not candidates:
-            return AttentionChoice(fallback, False, f"auto on {platform}: no fused kernel that takes "
-                                   f"segment ids runs here, so {fallback!r}"), platform != "cpu"
+            why = ("the kernel table measured no exact fused kernel faster than xla here" if order is not None
+                   else "no fused kernel that takes segment ids runs here")
+            return AttentionChoice(fallback, False, f"auto on {platform}: {why}, so {fallback!r}"), \
+                platform != "cpu" and order is None
         problems = []
         for kernel in candidates:
             problem = _unsupported(kernel, shape) or _unsplittable(shape, devices, split)
@@ -190,16 +192,20 @@ def _decide(requested: str, platform: str, shape: AttentionShape, devices: int =
     return AttentionChoice(requested, False, f"requested{on_mesh_words}", sharded), False
 
 
-@functools.cache
-def kernel_order(platform: str, table: Path = KERNEL_TABLE) -> tuple[str, ...] | None:
+def kernel_order(platform: str) -> tuple[str, ...] | None:
     """This platform's exact fused kernels, fastest first, from the benchmark's kernel table;
     None when the table has not measured this platform (then `auto` uses DEFAULT_ORDER)."""
+    return _table_order(KERNEL_TABLE, platform)
+
+
+@functools.cache
+def _table_order(table: Path, platform: str) -> tuple[str, ...] | None:
     if not table.is_file():
         return None
     entry = json.loads(table.read_text()).get(platform)
     if not entry:
         return None
-    return tuple(k for k in entry["fastest_exact"] if k in FUSED_KERNELS and FUSED_KERNELS[k] == platform)
+    return tuple(k for k in entry["fastest_exact"] if FUSED_KERNELS.get(k) == platform)
 
 
 def select_attention(requested: str, platform: str, shape: AttentionShape | int, devices: int = 1,
