@@ -345,6 +345,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="time only our JAX step")
     parser.add_argument("--worker-timeout", type=float, default=600,
                         help="seconds each measurement (one framework, one shape) may take")
+    parser.add_argument("--out", help="the JSON written (default benchmarks/results/accelerator_<platform>[_quick].json)")
     parser.add_argument("--worker", choices=["jax", "torch", "torch_compile"], help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -382,9 +383,9 @@ def main() -> None:
     platform = first.get("platform", "unknown")
     report["device_kind"] = first.get("device_kind")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    output = RESULTS / f"accelerator_{platform}{'_quick' if args.quick else ''}.json"
+    output = Path(args.out) if args.out else RESULTS / f"accelerator_{platform}{'_quick' if args.quick else ''}.json"
     output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {output.relative_to(REPO)} ({report['wall_s']} s)")
+    print(f"wrote {output} ({report['wall_s']} s)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ and logs every fallback."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 
@@ -19,6 +20,7 @@ from alpaca_jax.model import attention
 from alpaca_jax.model.attention import AttentionShape, MeshSplit, segment_causal_mask, select_attention
 from alpaca_jax.model.fused_attention import pallas_flash_attention, splash_attention
 from alpaca_jax.train.step import loss_and_grads
+from conftest import REPO
 from helpers import random_examples, tiny_model
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -178,6 +180,26 @@ def test_kernel_table_orders_auto(tmp_path, monkeypatch):
     assert attention.kernel_order("tpu") is None
     monkeypatch.setattr(attention, "KERNEL_TABLE", tmp_path / "absent.json")
     assert attention.kernel_order("gpu") is None
+
+
+def test_the_benchmark_writes_the_table_auto_reads(tmp_path, monkeypatch):
+    """benchmarks/gpu.py ranks the kernels it measured (exact ones that beat xla at every
+    shape, fastest first) and writes the table; `auto` then reads that order back."""
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", REPO / "benchmarks" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    timings = {"a": {"xla": 8.0, "pallas_flash": 4.2, "cudnn": 2.0, "splash": 1.0},
+               "b": {"xla": 20.0, "pallas_flash": 5.3, "cudnn": 30.0, "splash": 1.0}}
+    # cudnn is slower than xla at shape b; splash was not exact
+    assert gpu.fastest_exact(timings, {"pallas_flash": True, "cudnn": True, "splash": False}) == ["pallas_flash"]
+    timings["b"]["cudnn"] = 2.5
+    order = gpu.fastest_exact(timings, {"pallas_flash": True, "cudnn": True})
+    assert order == ["cudnn", "pallas_flash"]
+    table = tmp_path / "kernel_table.json"
+    gpu.write_kernel_table({"platform": "gpu", "device_kind": "NVIDIA H100", "jax_version": "0", "fwd_bwd_ms": timings,
+                            "exact": {"pallas_flash": True, "cudnn": True}, "fastest_exact": order}, table)
+    monkeypatch.setattr(attention, "KERNEL_TABLE", table)
+    assert attention.kernel_order("gpu") == ("cudnn", "pallas_flash")
 
 
 def test_auto_attention_on_this_cpu_is_chunked():
