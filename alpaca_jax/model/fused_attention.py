@@ -17,7 +17,7 @@ ids, 0 = padding) to kernels that fuse the softmax and never write the [T, S] sc
   gradient too. Whether that still beats the Pallas kernel is what the benchmark's kernel table
   says (`benchmarks/gpu.sh`).
 
-The Pallas kernels need the length to be a multiple of their block. Rather than fall back,
+The kernels need the length to be a multiple of their block (cuDNN: even). Rather than fall back,
 rows are padded at the end with segment id -1: no real token (segment >= 0) attends to it,
 each pad token sees itself (no empty softmax row), and the padding is sliced off again.
 
@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 SPLASH_BLOCK = 128  # splash blocks must be multiples of the TPU's 128 lanes
+CUDNN_MULTIPLE = 8  # cuDNN's fused attention with a bias needs an even length in training
 _PAD_SEGMENT = -1   # segment id of the length padding: matches no real segment (>= 0)
 
 
@@ -138,11 +139,16 @@ def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                     segment_ids: jax.Array, interpret: bool = False) -> jax.Array:
     """Segment-causal GQA attention through cuDNN's fused kernel, the packing as a per-row mask."""
     del interpret  # cuDNN has no interpreter: it runs on NVIDIA GPUs only
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]     # [B, T, S]
+    length = query.shape[1]
+    # cuDNN trains with a bias only on even lengths: pad as the Pallas kernels do.
+    query, key, value = (_pad_length(x, CUDNN_MULTIPLE) for x in (query, key, value))
+    segments = _pad_length(segment_ids.astype(jnp.int32), CUDNN_MULTIPLE, _PAD_SEGMENT)
+    same_segment = segments[:, :, None] == segments[:, None, :]     # [B, T, S]
     # is_causal as well as the (already causal) mask: cuDNN then skips the blocks above the
     # diagonal instead of computing and masking them.
-    return jax.nn.dot_product_attention(query, key, value, mask=same_segment[:, None], is_causal=True,
-                                        implementation="cudnn")
+    out = jax.nn.dot_product_attention(query, key, value, mask=same_segment[:, None], is_causal=True,
+                                       implementation="cudnn")
+    return out[:, :length]
 
 
 KERNELS: dict[str, Callable] = {"pallas_flash": pallas_flash_attention, "splash": splash_attention,
@@ -160,13 +166,6 @@ class MeshLayout:
     heads: tuple[str, ...] = ()
     kv_heads: tuple[str, ...] = ()
     length: tuple[str, ...] = ()
-
-    def size(self, axes: tuple[str, ...]) -> int:
-        shape = dict(self.mesh.shape)
-        out = 1
-        for axis in axes:
-            out *= shape[axis]
-        return out
 
 
 def _spec_axes(axes: tuple[str, ...]):
