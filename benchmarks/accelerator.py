@@ -165,7 +165,7 @@ def _attention_timings(cfg_model, seq: int, batch: int, segments, reps: int) -> 
     return {"fwd_bwd_ms": out}
 
 
-def jax_worker(shape: dict, steps: int) -> dict:
+def jax_worker(shape: dict, steps: int, attention_timings: bool = True) -> dict:
     import dataclasses
     import functools
 
@@ -247,7 +247,8 @@ def jax_worker(shape: dict, steps: int) -> dict:
         "xla_step_bytes": xla_bytes,
         "xla_step_over_planner": round(xla_bytes / plan.total, 3) if xla_bytes else None,
         "first_loss": first_loss, "last_loss": float(metrics["loss"]),
-        "attention_only": _attention_timings(cfg.model, seq, batch, batch_arrays["segment_ids"][0], reps=3),
+        "attention_only": (_attention_timings(cfg.model, seq, batch, batch_arrays["segment_ids"][0], reps=3)
+                           if attention_timings else "skipped (--no-attention-timings)"),
     }
 
 
@@ -343,6 +344,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps after compile (default 10; quick 3)")
     parser.add_argument("--shapes", default="llama7b_width,tinyllama_1b", help="comma-separated shape names")
     parser.add_argument("--skip-hf", action="store_true", help="time only our JAX step")
+    parser.add_argument("--hf", default="eager,compile", help="which HF steps to time: eager, compile or both")
+    parser.add_argument("--no-attention-timings", action="store_true",
+                        help="skip the attention-only timings (benchmarks/gpu.py times the kernels itself)")
     parser.add_argument("--worker-timeout", type=float, default=600,
                         help="seconds each measurement (one framework, one shape) may take")
     parser.add_argument("--out", help="the JSON written (default benchmarks/results/accelerator_<platform>[_quick].json)")
@@ -354,7 +358,7 @@ def main() -> None:
 
     if args.worker:  # inside a subprocess: measure one thing, print its JSON
         shape = shapes[args.shape]
-        result = (jax_worker(shape, steps) if args.worker == "jax"
+        result = (jax_worker(shape, steps, not args.no_attention_timings) if args.worker == "jax"
                   else torch_worker(shape, steps, compiled=args.worker == "torch_compile"))
         print(json.dumps(result))
         return
@@ -362,12 +366,14 @@ def main() -> None:
     started = time.perf_counter()
     report = {"command": " ".join(["python", "benchmarks/accelerator.py", *sys.argv[1:]]),
               "cpu_model": _cpu_model(), "quick": args.quick, "steps": steps, "shapes": {}}
-    workers = ["jax"] if args.skip_hf else ["jax", "torch", "torch_compile"]
+    hf = {"eager": "torch", "compile": "torch_compile"}
+    workers = ["jax"] + ([] if args.skip_hf else [hf[mode] for mode in args.hf.split(",")])
     labels = {"jax": "alpaca_jax", "torch": "hf_sdpa_eager", "torch_compile": "hf_sdpa_compile"}
     for name in args.shapes.split(","):
         entry = {"shape": shapes[name]}
         for worker in workers:
-            flags = ["--worker", worker, "--shape", name, "--steps", str(steps)] + (["--quick"] if args.quick else [])
+            flags = (["--worker", worker, "--shape", name, "--steps", str(steps)] + (["--quick"] if args.quick else [])
+                     + (["--no-attention-timings"] if args.no_attention_timings else []))
             entry[labels[worker]] = result = _run_worker(flags, timeout=args.worker_timeout)
             print(f"{name} {labels[worker]}: " + (result.get("error") or
                   f"{result['tokens_per_s']:.0f} tokens/s, MFU {result.get('mfu')}, step {result['step_s']} s"),
