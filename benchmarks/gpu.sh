@@ -28,7 +28,11 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     exit 0
 fi
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if ! "$PYTHON" -c 'import datasets' 2> /dev/null; then  # the device image: bring the carried wheels in
+    if ! compgen -G ".whl/*.whl" > /dev/null; then
+        echo "error: $PYTHON has no 'datasets' and there is no .whl/ (run: bash benchmarks/gpu.sh --fetch-wheels)" >&2
+        exit 2
+    fi
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_site .whl/*.whl
     export PYTHONPATH="/tmp/gpu_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
