@@ -58,7 +58,7 @@ class ModelConfig:
     scan_layers: bool = True               # compile one block and scan it (fast compiles at depth)
     remat: Literal["none", "full", "save_dots", "minimal"] = "none"  # activation recompute policy
     init_from: str | None = None           # start from these weights: a local HF LLaMA dir or an import-hf output; null = random init
-    attention: Literal["auto", "xla", "chunked", "pallas_flash", "splash"] = "auto"  # attention kernel, all exact for packed rows: auto = per platform (GPU pallas_flash, TPU splash, CPU chunked), xla = jax.nn.dot_product_attention, chunked = causal query blocks, pallas_flash = Pallas Triton GPU kernel, splash = TPU splash kernel
+    attention: Literal["auto", "xla", "chunked", "pallas_flash", "splash", "cudnn"] = "auto"  # attention kernel, all exact for packed rows: auto = the fastest fused kernel the platform and mesh can run (the benchmark's kernel table; default GPU pallas_flash, TPU splash, CPU chunked), xla = jax.nn.dot_product_attention, chunked = causal query blocks, pallas_flash = Pallas Triton GPU kernel, splash = TPU splash kernel, cudnn = cuDNN fused kernel (NVIDIA, bf16/fp16); fused kernels run per device under shard_map on a mesh
 
     def __post_init__(self):
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.vocab_size <= 0:

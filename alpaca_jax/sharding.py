@@ -16,6 +16,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from alpaca_jax.configlib import ConfigError
+from alpaca_jax.model.attention import MeshSplit
+from alpaca_jax.model.fused_attention import MeshLayout
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -126,11 +128,31 @@ def batch_sharding(mesh: Mesh, rules: dict[str, Any], leading: int = 0) -> Named
     return NamedSharding(mesh, P(*([None] * leading), *spec))
 
 
+def _flat(axes) -> tuple[str, ...]:
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def _attention_axes(rules: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    q = logical_to_mesh(P("batch", "length", "heads", "head_dim"), rules)
+    kv = logical_to_mesh(P("batch", "length", "kv_heads", "head_dim"), rules)
+    return dict(batch=_flat(q[0]), heads=_flat(q[2]), kv_heads=_flat(kv[2]), length=_flat(q[1]) + _flat(q[3]))
+
+
+def attention_layout(mesh: Mesh, rules: dict[str, Any]) -> MeshLayout:
+    """Where q [B, T, N, H] and k/v [B, S, K, H] live on `mesh` under `rules`: what a fused
+    attention kernel is split over when it runs per device (`fused_attention.on_mesh`)."""
+    return MeshLayout(mesh, **_attention_axes(rules))
+
+
+def attention_split(axis_sizes: dict[str, int], rules: dict[str, Any]) -> MeshSplit:
+    """`attention_layout` from the mesh's axis sizes alone (the planner has no devices)."""
+    return MeshSplit(tuple(axis_sizes.items()), **_attention_axes(rules))
+
+
 def check_batch_divides(batch_size: int, grad_accum: int, axis_sizes: dict[str, int],
                         rules: dict[str, Any]) -> int:
     """Rows per device per micro-batch; a config error naming both numbers when they do not divide."""
-    axes = logical_to_mesh(P("batch"), rules)[0]
-    names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    names = _flat(logical_to_mesh(P("batch"), rules)[0])
     devices = math.prod(axis_sizes[a] for a in names)
     micro = batch_size // grad_accum
     if micro % devices:

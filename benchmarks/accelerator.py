@@ -117,6 +117,15 @@ def _median(xs):
 
 
 # -- the JAX worker --------------------------------------------------------------------------
+def _xla_step_bytes(memory) -> int | None:
+    """Device bytes of a compiled step by XLA's buffer assignment (None where not reported)."""
+    if memory is None:
+        return None
+    return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+               + memory.temp_size_in_bytes)
+
+
+
 def _attention_timings(cfg_model, seq: int, batch: int, segments, reps: int) -> dict:
     """Forward + backward of attention alone, per implementation this platform can run."""
     import jax
@@ -156,7 +165,7 @@ def _attention_timings(cfg_model, seq: int, batch: int, segments, reps: int) -> 
     return {"fwd_bwd_ms": out}
 
 
-def jax_worker(shape: dict, steps: int) -> dict:
+def jax_worker(shape: dict, steps: int, attention_timings: bool = True) -> dict:
     import dataclasses
     import functools
 
@@ -165,7 +174,7 @@ def jax_worker(shape: dict, steps: int) -> dict:
 
     from alpaca_jax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
     from alpaca_jax.model import Llama, init_params, logical_axes
-    from alpaca_jax.model.attention import select_attention
+    from alpaca_jax.model.attention import AttentionShape, select_attention
     from alpaca_jax.plan import plan_memory
     from alpaca_jax.train.loss import run_loss_chunk
     from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -185,7 +194,8 @@ def jax_worker(shape: dict, steps: int) -> dict:
     if limit and plan.total > 0.85 * limit:  # the planner says it would not fit: recompute blocks
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, remat="full"))
         plan = plan_memory(cfg, 1, platform)
-    attention = select_attention("auto", platform, model_cfg.resolved_head_dim)
+    attention = select_attention("auto", platform, AttentionShape(
+        model_cfg.resolved_head_dim, model_cfg.num_heads, model_cfg.num_kv_heads, batch, model_cfg.dtype))
     loss_chunk, loss_reason = run_loss_chunk(cfg, {"data": 1, "fsdp": 1, "tensor": 1})
 
     packed, data_stats = packed_batch(seq, batch, model_cfg.vocab_size)
@@ -197,9 +207,12 @@ def jax_worker(shape: dict, steps: int) -> dict:
     step = jax.jit(functools.partial(train_step, model=Llama(cfg.model), optimizer=optimizer,
                                      schedule=schedule, loss_chunk=loss_chunk), donate_argnums=0)
     start = time.perf_counter()
-    state, metrics = step(state, batch_arrays)
+    compiled = step.lower(state, batch_arrays).compile()
+    memory = compiled.memory_analysis()  # XLA's own buffer plan of the step (any platform)
+    state, metrics = compiled(state, batch_arrays)
     first_loss = float(metrics["loss"])
     compile_s = time.perf_counter() - start
+    step = compiled
     state, metrics = step(state, batch_arrays)  # untimed, as on the PyTorch side
     times = []
     for _ in range(steps):
@@ -212,6 +225,7 @@ def jax_worker(shape: dict, steps: int) -> dict:
     flops = model_flops_per_token(shape["model"], seq) * tokens
     peak = next((v for k, v in PEAK_BF16.items() if device.device_kind.startswith(k)), None)
     stats = device.memory_stats() or {}
+    xla_bytes = _xla_step_bytes(memory)
     return {
         "device_kind": device.device_kind, "platform": platform, "jax_version": jax.__version__,
         "attention": attention.implementation, "attention_reason": attention.reason,
@@ -228,8 +242,13 @@ def jax_worker(shape: dict, steps: int) -> dict:
                           "optimizer": plan.optimizer, "activations": plan.activations},
         "peak_over_planner": (round(stats["peak_bytes_in_use"] / plan.total, 3)
                               if stats.get("peak_bytes_in_use") else None),
+        # XLA's buffer assignment for the step: arguments + outputs - donated + temporaries. On
+        # CPU, which has no memory_stats, this is the peak the planner is checked against.
+        "xla_step_bytes": xla_bytes,
+        "xla_step_over_planner": round(xla_bytes / plan.total, 3) if xla_bytes else None,
         "first_loss": first_loss, "last_loss": float(metrics["loss"]),
-        "attention_only": _attention_timings(cfg.model, seq, batch, batch_arrays["segment_ids"][0], reps=3),
+        "attention_only": (_attention_timings(cfg.model, seq, batch, batch_arrays["segment_ids"][0], reps=3)
+                           if attention_timings else "skipped (--no-attention-timings)"),
     }
 
 
@@ -325,8 +344,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps after compile (default 10; quick 3)")
     parser.add_argument("--shapes", default="llama7b_width,tinyllama_1b", help="comma-separated shape names")
     parser.add_argument("--skip-hf", action="store_true", help="time only our JAX step")
+    parser.add_argument("--hf", default="eager,compile", help="which HF steps to time: eager, compile or both")
+    parser.add_argument("--no-attention-timings", action="store_true",
+                        help="skip the attention-only timings (benchmarks/gpu.py times the kernels itself)")
     parser.add_argument("--worker-timeout", type=float, default=600,
                         help="seconds each measurement (one framework, one shape) may take")
+    parser.add_argument("--out", help="the JSON written (default benchmarks/results/accelerator_<platform>[_quick].json)")
     parser.add_argument("--worker", choices=["jax", "torch", "torch_compile"], help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -335,7 +358,7 @@ def main() -> None:
 
     if args.worker:  # inside a subprocess: measure one thing, print its JSON
         shape = shapes[args.shape]
-        result = (jax_worker(shape, steps) if args.worker == "jax"
+        result = (jax_worker(shape, steps, not args.no_attention_timings) if args.worker == "jax"
                   else torch_worker(shape, steps, compiled=args.worker == "torch_compile"))
         print(json.dumps(result))
         return
@@ -343,12 +366,14 @@ def main() -> None:
     started = time.perf_counter()
     report = {"command": " ".join(["python", "benchmarks/accelerator.py", *sys.argv[1:]]),
               "cpu_model": _cpu_model(), "quick": args.quick, "steps": steps, "shapes": {}}
-    workers = ["jax"] if args.skip_hf else ["jax", "torch", "torch_compile"]
+    hf = {"eager": "torch", "compile": "torch_compile"}
+    workers = ["jax"] + ([] if args.skip_hf else [hf[mode] for mode in args.hf.split(",")])
     labels = {"jax": "alpaca_jax", "torch": "hf_sdpa_eager", "torch_compile": "hf_sdpa_compile"}
     for name in args.shapes.split(","):
         entry = {"shape": shapes[name]}
         for worker in workers:
-            flags = ["--worker", worker, "--shape", name, "--steps", str(steps)] + (["--quick"] if args.quick else [])
+            flags = (["--worker", worker, "--shape", name, "--steps", str(steps)] + (["--quick"] if args.quick else [])
+                     + (["--no-attention-timings"] if args.no_attention_timings else []))
             entry[labels[worker]] = result = _run_worker(flags, timeout=args.worker_timeout)
             print(f"{name} {labels[worker]}: " + (result.get("error") or
                   f"{result['tokens_per_s']:.0f} tokens/s, MFU {result.get('mfu')}, step {result['step_s']} s"),
@@ -364,9 +389,9 @@ def main() -> None:
     platform = first.get("platform", "unknown")
     report["device_kind"] = first.get("device_kind")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    output = RESULTS / f"accelerator_{platform}{'_quick' if args.quick else ''}.json"
+    output = Path(args.out) if args.out else RESULTS / f"accelerator_{platform}{'_quick' if args.quick else ''}.json"
     output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {output.relative_to(REPO)} ({report['wall_s']} s)")
+    print(f"wrote {output} ({report['wall_s']} s)")
 
 
 if __name__ == "__main__":

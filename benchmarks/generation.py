@@ -17,6 +17,14 @@ after another, three rounds alternating (the best of each): requests/s and time 
 
     python benchmarks/generation.py            # ~5 min; writes benchmarks/results/generation.json
     python benchmarks/generation.py --quick    # smoke run: tiny shape, fewer tokens
+
+On an accelerator (`--gpu`, run by benchmarks/gpu.sh): decode only, bf16 weights and compute on
+both sides, the TinyLlama 1.1B shape (`--quick`: the tiny shape, which also runs on CPU), batch
+1 and 32; transformers `generate` with its static cache (`cache_implementation="static"`, the
+forward eager; `--hf-compile` adds `torch.compile` of the forward, as transformers documents
+for the static cache, at a minute or more of compile per batch size):
+
+    python benchmarks/generation.py --gpu      # writes benchmarks/results/generation_gpu.json
 """
 
 from __future__ import annotations
@@ -38,7 +46,10 @@ SHAPES = {
     "tiny": dict(preset="tiny"),
     "30m": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
                 num_kv_heads=8, max_position_embeddings=2048),
+    "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                      num_kv_heads=4, max_position_embeddings=2048),
 }
+BF16 = dict(dtype="bfloat16", param_dtype="bfloat16")  # --gpu: bf16 weights and compute, as HF's bf16 model
 PROMPT_TOKENS = 32
 
 
@@ -52,7 +63,7 @@ class _NoEos:
         return getattr(self._tokenizer, name)
 
 
-def _make_run(root: Path, shape: str) -> Path:
+def _make_run(root: Path, shape: str, overrides: dict | None = None) -> Path:
     """A run directory with random weights and a byte-level BPE, plus its HF export."""
     import jax
     import numpy as np
@@ -63,7 +74,7 @@ def _make_run(root: Path, shape: str) -> Path:
     from alpaca_jax.hf import export_hf
     from alpaca_jax.model import init_params
 
-    cfg = config_from_dict({"model": SHAPES[shape]})
+    cfg = config_from_dict({"model": {**SHAPES[shape], **(overrides or {})}})
     run = root / shape
     run.mkdir(parents=True)
     save_params(run, init_params(cfg.model, jax.random.key(0)))
@@ -72,7 +83,7 @@ def _make_run(root: Path, shape: str) -> Path:
     # otherwise wait on tokens the tokenizer does not have).
     rng = np.random.default_rng(0)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    words = ["".join(rng.choice(letters, rng.integers(3, 9))) for _ in range(60_000)]
+    words = ["".join(rng.choice(letters, rng.integers(3, 9))) for _ in range(max(60_000, 3 * cfg.model.vocab_size))]
     texts = [alpaca_prompt(f"Explain the number {i} in words.") for i in range(100)]
     texts += [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
     tokenizer = train_bpe_tokenizer(texts, cfg.model.vocab_size, 1)
@@ -94,30 +105,40 @@ def _ours_call(model, batch: int, new_tokens: int):
     from alpaca_jax.infer import Row, SamplingConfig, decode_rows
     rows = [Row([model.tokenizer.bos_token_id] + p, SamplingConfig(max_new_tokens=new_tokens))
             for p in _prompts(batch, model.config.vocab_size)]
-    decode_rows(model, rows, max_batch=16)  # compile
+    max_batch = max(16, batch)
+    decode_rows(model, rows, max_batch=max_batch)  # compile
 
     def call() -> float:
         start = time.perf_counter()
-        done = decode_rows(model, rows, max_batch=16)
+        done = decode_rows(model, rows, max_batch=max_batch)
         elapsed = time.perf_counter() - start
         assert all(len(c.token_ids) == new_tokens for c in done)
         return elapsed
     return call
 
 
-def _hf_call(hf_model, batch: int, new_tokens: int, vocab: int, bos: int):
-    """The same for transformers `generate` (after a 4-token warm-up; nothing to compile)."""
+def _hf_call(hf_model, batch: int, new_tokens: int, vocab: int, bos: int, static_cache: bool = False):
+    """The same for transformers `generate` (after a warm-up call: 4 tokens with the dynamic
+    cache, which compiles nothing; the full length with the static cache, whose buffers are
+    sized for it and, with --hf-compile, whose compiled forward is built then)."""
     import torch
-    ids = torch.tensor([[bos] + p for p in _prompts(batch, vocab)])
+    device = next(hf_model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    ids = torch.tensor([[bos] + p for p in _prompts(batch, vocab)], device=device)
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=vocab + 1,
                   pad_token_id=0, use_cache=True)
+    if static_cache:
+        kwargs["cache_implementation"] = "static"
+    warm = new_tokens if static_cache else 4
     with torch.inference_mode():
-        hf_model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
+        hf_model.generate(ids, max_new_tokens=warm, min_new_tokens=warm, **kwargs)
+    sync()
 
     def call() -> float:
         with torch.inference_mode():
             start = time.perf_counter()
             out = hf_model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+            sync()
             elapsed = time.perf_counter() - start
         assert out.shape[1] == ids.shape[1] + new_tokens
         return elapsed
@@ -229,58 +250,83 @@ def _serve(run: Path, clients: int, new_tokens: int, rounds: int = 3) -> dict:
             "speedup": results["concurrent"]["requests_per_s"] / results["sequential"]["requests_per_s"]}
 
 
+def _decode_table(tmp: Path, shape: str, batches, new_tokens: int, repeats: int, device_mode: bool,
+                  hf_compile: bool) -> dict:
+    """Ours vs transformers `generate` on one shape, per batch size (interleaved, best of `repeats`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from alpaca_jax.infer import load_model
+    from alpaca_jax.model import count_params
+
+    run = _make_run(tmp, shape, BF16 if device_mode else None)
+    model = load_model(run)
+    model = dataclasses.replace(model, tokenizer=_NoEos(model.tokenizer, model.config.vocab_size))
+    rows = {"params": count_params(model.config), "dtype": model.config.dtype}
+    hf_device = "cuda" if device_mode and torch.cuda.is_available() else "cpu"
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp / f"{shape}-hf", local_files_only=True,
+                                                    dtype=torch.bfloat16 if device_mode else torch.float32)
+    hf_model = hf_model.to(hf_device).eval()
+    if hf_compile:  # as transformers documents for the static cache
+        hf_model.forward = torch.compile(hf_model.forward, mode="reduce-overhead", fullgraph=True)
+    rows["transformers"] = {"device": hf_device, "cache": "static" if device_mode else "dynamic",
+                            "torch_compile": hf_compile}
+    for batch in batches:
+        calls = {"ours": _ours_call(model, batch, new_tokens),
+                 "theirs": _hf_call(hf_model, batch, new_tokens, model.config.vocab_size,
+                                    model.tokenizer.bos_token_id, static_cache=device_mode)}
+        best = _interleaved_best(calls, repeats)
+        ours, theirs = batch * new_tokens / best["ours"], batch * new_tokens / best["theirs"]
+        rows[f"batch_{batch}"] = {"ours_tokens_per_s": ours, "transformers_tokens_per_s": theirs,
+                                  "ratio": ours / theirs}
+        print(f"{shape} batch {batch}: ours {ours:.0f} tok/s, transformers {theirs:.0f} tok/s "
+              f"({ours / theirs:.2f}x)", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shape only, fewer tokens (smoke run)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="decode only, bf16, TinyLlama shape (quick: tiny), batch 1 and 32, HF with its static cache")
+    parser.add_argument("--hf-compile", action="store_true", help="with --gpu: torch.compile HF's forward too")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per row (default 64)")
     parser.add_argument("--serve-tokens", type=int, default=48, help="max_tokens per serve request (default 48)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed calls per side, ours and transformers' alternating; the best counts (default 5)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "generation.json"))
+    parser.add_argument("--out", help="the JSON written (default benchmarks/results/generation[_gpu].json)")
     args = parser.parse_args()
-    shapes = ["tiny"] if args.quick else ["tiny", "30m"]
+    if args.gpu:
+        shapes, batches = (["tiny"] if args.quick else ["tinyllama"]), (1, 32)
+    else:
+        shapes, batches = (["tiny"] if args.quick else ["tiny", "30m"]), (1, 16)
     new_tokens = 16 if args.quick else args.new_tokens
     serve_tokens = 8 if args.quick else args.serve_tokens
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"generation{'_gpu' if args.gpu else ''}.json")
 
     import jax
     import torch
-    from alpaca_jax.infer import load_model
-    from alpaca_jax.model import count_params
+    device = jax.devices()[0]
     report = {"machine": platform.processor() or platform.machine(), "jax": jax.__version__,
-              "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-              "new_tokens": new_tokens, "prompt_tokens": PROMPT_TOKENS + 1, "repeats": args.repeats, "decode": {}}
+              "jax_device": device.device_kind, "torch": torch.__version__,
+              "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch_threads": torch.get_num_threads(), "new_tokens": new_tokens,
+              "prompt_tokens": PROMPT_TOKENS + 1, "repeats": args.repeats, "decode": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
-            run = _make_run(Path(tmp), shape)
-            model = load_model(run)
-            model = dataclasses.replace(model, tokenizer=_NoEos(model.tokenizer, model.config.vocab_size))
-            rows = {"params": count_params(model.config)}
-            import torch
-            from transformers import AutoModelForCausalLM
-            hf_model = AutoModelForCausalLM.from_pretrained(Path(tmp) / f"{shape}-hf", local_files_only=True,
-                                                            dtype=torch.float32).eval()
-            for batch in (1, 16):
-                calls = {"ours": _ours_call(model, batch, new_tokens),
-                         "theirs": _hf_call(hf_model, batch, new_tokens, model.config.vocab_size,
-                                            model.tokenizer.bos_token_id)}
-                best = _interleaved_best(calls, args.repeats)
-                ours, theirs = batch * new_tokens / best["ours"], batch * new_tokens / best["theirs"]
-                rows[f"batch_{batch}"] = {"ours_tokens_per_s": ours, "transformers_tokens_per_s": theirs,
-                                          "ratio": ours / theirs}
-                print(f"{shape} batch {batch}: ours {ours:.0f} tok/s, transformers {theirs:.0f} tok/s "
-                      f"({ours / theirs:.2f}x)", flush=True)
-            report["decode"][shape] = rows
-        serve_shape = shapes[-1]
-        report["serve"] = {"shape": serve_shape, **_serve(Path(tmp) / serve_shape, 16, serve_tokens)}
-        s = report["serve"]
-        print(f"serve ({serve_shape}, 16 streaming clients, {serve_tokens} tokens): concurrent "
-              f"{s['concurrent']['requests_per_s']:.2f} req/s vs sequential {s['sequential']['requests_per_s']:.2f} "
-              f"({s['speedup']:.1f}x); TTFT p50/p99 concurrent {s['concurrent']['ttft_p50_s']:.3f}/"
-              f"{s['concurrent']['ttft_p99_s']:.3f} s, sequential {s['sequential']['ttft_p50_s']:.3f}/"
-              f"{s['sequential']['ttft_p99_s']:.3f} s; same texts: {s['same_texts']}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+            report["decode"][shape] = _decode_table(Path(tmp), shape, batches, new_tokens, args.repeats,
+                                                    args.gpu, args.hf_compile)
+        if not args.gpu:
+            serve_shape = shapes[-1]
+            report["serve"] = {"shape": serve_shape, **_serve(Path(tmp) / serve_shape, 16, serve_tokens)}
+            s = report["serve"]
+            print(f"serve ({serve_shape}, 16 streaming clients, {serve_tokens} tokens): concurrent "
+                  f"{s['concurrent']['requests_per_s']:.2f} req/s vs sequential {s['sequential']['requests_per_s']:.2f} "
+                  f"({s['speedup']:.1f}x); TTFT p50/p99 concurrent {s['concurrent']['ttft_p50_s']:.3f}/"
+                  f"{s['concurrent']['ttft_p99_s']:.3f} s, sequential {s['sequential']['ttft_p50_s']:.3f}/"
+                  f"{s['sequential']['ttft_p99_s']:.3f} s; same texts: {s['same_texts']}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

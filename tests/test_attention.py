@@ -4,6 +4,9 @@ and logs every fallback."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import json
 import logging
 
 import jax
@@ -14,9 +17,10 @@ import pytest
 from alpaca_jax.data.packing import pack_rows
 from alpaca_jax.model import Llama, init_params
 from alpaca_jax.model import attention
-from alpaca_jax.model.attention import segment_causal_mask, select_attention
+from alpaca_jax.model.attention import AttentionShape, MeshSplit, segment_causal_mask, select_attention
 from alpaca_jax.model.fused_attention import pallas_flash_attention, splash_attention
 from alpaca_jax.train.step import loss_and_grads
+from conftest import REPO
 from helpers import random_examples, tiny_model
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -87,38 +91,115 @@ def test_model_with_fused_kernel_equals_xla_model_on_packed_rows(implementation)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-# requested, platform, head_dim, devices -> what runs, whether interpreted, a warning's words
+def _mesh(data: int, fsdp: int, tensor: int, **rules) -> MeshSplit:
+    """A mesh as the choice sees it, split by the default rules (batch over data and fsdp,
+    heads and kv heads over tensor) unless `rules` says otherwise."""
+    split = dict(batch=("data", "fsdp"), heads=("tensor",), kv_heads=("tensor",), length=())
+    split.update(rules)
+    return MeshSplit((("data", data), ("fsdp", fsdp), ("tensor", tensor)), **split)
+
+
+MHA = AttentionShape(head_dim=128, num_heads=32, num_kv_heads=32, batch=8, dtype="bfloat16")
+GQA = AttentionShape(head_dim=64, num_heads=32, num_kv_heads=4, batch=8, dtype="bfloat16")
+FP32 = dataclasses.replace(MHA, dtype="float32")
+ONE, DATA8, FSDP8, MIXED, TENSOR8 = None, _mesh(8, 1, 1), _mesh(1, 8, 1), _mesh(2, 2, 2), _mesh(1, 1, 8)
+CUDNN_FIRST = ("cudnn", "pallas_flash")  # a kernel table that measured cuDNN faster
+
+# requested, platform, shape, mesh, kernel table order -> what runs, interpreted, per device
+# under shard_map, and the words a warning must have (None: no warning). The why of each row is
+# its comment.
 SELECTION = [
-    ("auto", "cpu", 32, 1, "chunked", False, None),
-    ("auto", "gpu", 128, 1, "pallas_flash", False, None),
-    ("auto", "tpu", 128, 1, "splash", False, None),
-    ("auto", "tpu", 64, 1, "xla", False, "multiple of 128"),
-    ("auto", "gpu", 8, 1, "xla", False, "16 <= head_dim <= 256"),
-    ("auto", "metal", 128, 1, "xla", False, "no fused kernel"),
-    ("auto", "gpu", 128, 8, "xla", False, "mesh of 8 devices"),
-    ("xla", "gpu", 128, 1, "xla", False, None),
-    ("chunked", "tpu", 128, 1, "chunked", False, None),
-    ("pallas_flash", "cpu", 32, 1, "pallas_flash", True, "interpret mode"),
-    ("splash", "gpu", 128, 1, "xla", False, "is a tpu kernel"),
-    ("pallas_flash", "gpu", 512, 1, "xla", False, "16 <= head_dim <= 256"),
-    ("pallas_flash", "gpu", 128, 8, "pallas_flash", False, "not partitioned"),
+    # auto keeps the fused kernel on every mesh the shape splits over
+    ("auto", "gpu", MHA, ONE, None, "pallas_flash", False, False, None),
+    ("auto", "gpu", MHA, DATA8, None, "pallas_flash", False, True, None),
+    ("auto", "gpu", GQA, FSDP8, None, "pallas_flash", False, True, None),
+    ("auto", "gpu", GQA, MIXED, None, "pallas_flash", False, True, None),   # 4 kv heads over tensor=2
+    ("auto", "tpu", MHA, MIXED, None, "splash", False, True, None),
+    ("auto", "cpu", GQA, ONE, None, "chunked", False, False, None),         # no fused kernel on CPU
+    ("auto", "cpu", GQA, MIXED, None, "chunked", False, False, None),
+    # ... and falls back, saying why, only where the shape cannot split
+    ("auto", "gpu", GQA, TENSOR8, None, "xla", False, False, "4 kv heads do not divide over mesh axis 'tensor' (size 8)"),
+    ("auto", "gpu", dataclasses.replace(MHA, num_heads=12, num_kv_heads=12), _mesh(1, 1, 8), None, "xla", False,
+     False, "12 heads do not divide over mesh axis 'tensor'"),
+    ("auto", "gpu", dataclasses.replace(MHA, batch=4), DATA8, None, "xla", False, False,
+     "4 rows do not divide over mesh axis 'data'x'fsdp' (size 8)"),
+    ("auto", "gpu", MHA, _mesh(2, 2, 2, length=("fsdp",)), None, "xla", False, False, "whole sequences"),
+    ("auto", "gpu", MHA, _mesh(1, 1, 8, kv_heads=()), None, "xla", False, False, "GQA groups"),
+    ("auto", "gpu", MHA, "8 devices, no layout", None, "xla", False, False, "no mesh layout"),
+    # the kernel table orders the exact kernels; a kernel the shape does not suit is skipped
+    ("auto", "gpu", MHA, ONE, CUDNN_FIRST, "cudnn", False, False, None),
+    ("auto", "gpu", MHA, MIXED, CUDNN_FIRST, "cudnn", False, True, None),
+    ("auto", "gpu", FP32, ONE, CUDNN_FIRST, "pallas_flash", False, False, None),  # cuDNN: bf16/fp16 only
+    ("auto", "gpu", dataclasses.replace(MHA, head_dim=8), ONE, None, "cudnn", False, False, None),  # Triton: >= 16
+    ("auto", "gpu", dataclasses.replace(FP32, head_dim=8), ONE, None, "xla", False, False, "16 <= head_dim <= 256"),
+    ("auto", "tpu", dataclasses.replace(MHA, head_dim=64), ONE, None, "xla", False, False, "multiple of 128"),
+    ("auto", "metal", MHA, ONE, None, "xla", False, False, "no fused kernel"),
+    ("auto", "gpu", MHA, ONE, (), "xla", False, False, None),  # measured: no fused kernel beat xla
+    # what was asked runs, or a one-line warning names the kernel, platform or mesh axis, fallback
+    ("xla", "gpu", MHA, MIXED, None, "xla", False, False, None),
+    ("chunked", "tpu", MHA, ONE, None, "chunked", False, False, None),
+    ("pallas_flash", "gpu", MHA, MIXED, None, "pallas_flash", False, True, None),
+    ("pallas_flash", "cpu", GQA, ONE, None, "pallas_flash", True, False, "interpret mode"),
+    ("pallas_flash", "cpu", GQA, MIXED, None, "pallas_flash", True, True, "interpret mode"),
+    ("cudnn", "gpu", GQA, FSDP8, None, "cudnn", False, True, None),
+    ("splash", "gpu", MHA, ONE, None, "xla", False, False, "model.attention=splash on gpu: it is a tpu kernel"),
+    ("cudnn", "cpu", GQA, ONE, None, "chunked", False, False, "model.attention=cudnn on cpu: it is a gpu kernel"),
+    ("cudnn", "gpu", FP32, ONE, None, "xla", False, False, "model.attention=cudnn on gpu: cuDNN attention needs bf16"),
+    ("pallas_flash", "gpu", dataclasses.replace(MHA, head_dim=512), ONE, None, "xla", False, False, "16 <= head_dim <= 256"),
+    ("pallas_flash", "gpu", GQA, TENSOR8, None, "xla", False, False,
+     "model.attention=pallas_flash on gpu: 4 kv heads do not divide over mesh axis 'tensor' (size 8)"),
 ]
 
 
-@pytest.mark.parametrize("requested,platform,head_dim,devices,runs,interpret,warning", SELECTION)
-def test_attention_selection(requested, platform, head_dim, devices, runs, interpret, warning, caplog,
-                             monkeypatch):
+@pytest.mark.parametrize("requested,platform,shape,mesh,order,runs,interpret,sharded,warning", SELECTION)
+def test_attention_selection(requested, platform, shape, mesh, order, runs, interpret, sharded, warning,
+                             caplog, monkeypatch):
     monkeypatch.setattr(attention, "_logged", set())  # the log is deduplicated per process
+    monkeypatch.setattr(attention, "kernel_order", lambda platform: order)  # not the shipped table
+    devices, split = (8, None) if isinstance(mesh, str) else (1 if mesh is None else mesh.devices, mesh)
     with caplog.at_level(logging.INFO, logger="alpaca_jax"):
-        choice = select_attention(requested, platform, head_dim, devices)
-    assert (choice.implementation, choice.interpret) == (runs, interpret)
+        choice = select_attention(requested, platform, shape, devices, split)
+    assert (choice.implementation, choice.interpret, choice.sharded) == (runs, interpret, sharded)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     if warning is None:
         assert not warnings
-    else:
-        assert len(warnings) == 1 and warning in warnings[0] and runs in warnings[0]
+    else:  # one line, naming the fallback taken
+        assert len(warnings) == 1 and warning in warnings[0] and runs in warnings[0], warnings
+        assert "\n" not in warnings[0]
     if requested == "auto":  # auto always says what it picked
         assert any(f"attention: {runs}" in r.getMessage() for r in caplog.records)
+
+
+def test_kernel_table_orders_auto(tmp_path, monkeypatch):
+    """`auto` reads the benchmark's kernel table: its exact kernels for the platform, fastest
+    first (a kernel of another platform is not taken)."""
+    table = tmp_path / "kernel_table.json"
+    table.write_text(json.dumps({"gpu": {"device_kind": "NVIDIA H200", "fastest_exact": ["cudnn", "splash", "pallas_flash"]}}))
+    monkeypatch.setattr(attention, "KERNEL_TABLE", table)
+    assert attention.kernel_order("gpu") == ("cudnn", "pallas_flash")
+    assert attention.kernel_order("tpu") is None
+    monkeypatch.setattr(attention, "KERNEL_TABLE", tmp_path / "absent.json")
+    assert attention.kernel_order("gpu") is None
+
+
+def test_the_benchmark_writes_the_table_auto_reads(tmp_path, monkeypatch):
+    """benchmarks/gpu.py ranks the kernels it measured (exact ones that beat xla at every
+    shape, fastest first) and writes the table; `auto` then reads that order back."""
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", REPO / "benchmarks" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    timings = {"a": {"xla": 8.0, "pallas_flash": 4.2, "cudnn": 2.0, "splash": 1.0},
+               "b": {"xla": 20.0, "pallas_flash": 5.3, "cudnn": 30.0, "splash": 1.0}}
+    # cudnn is slower than xla at shape b; splash was not exact
+    assert gpu.fastest_exact(timings, {"pallas_flash": True, "cudnn": True, "splash": False}) == ["pallas_flash"]
+    timings["b"]["cudnn"] = 2.5
+    order = gpu.fastest_exact(timings, {"pallas_flash": True, "cudnn": True})
+    assert order == ["cudnn", "pallas_flash"]
+    table = tmp_path / "kernel_table.json"
+    gpu.write_kernel_table({"platform": "gpu", "device_kind": "NVIDIA H100", "jax_version": "0", "fwd_bwd_ms": timings,
+                            "exact": {"pallas_flash": True, "cudnn": True}, "fastest_exact": order}, table)
+    monkeypatch.setattr(attention, "KERNEL_TABLE", table)
+    assert attention.kernel_order("gpu") == ("cudnn", "pallas_flash")
 
 
 def test_auto_attention_on_this_cpu_is_chunked():

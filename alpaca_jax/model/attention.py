@@ -6,11 +6,13 @@ Exact implementations of the same function (`ModelConfig.attention`):
   after a block can never be attended to under a causal mask). Same result, about half the
   score FLOPs and memory at long lengths, no [B, 1, T, T] mask broadcast; the faster choice on
   CPU. It is plain jnp, so it also runs (and differentiates) everywhere.
-- "pallas_flash" (GPU) and "splash" (TPU): fused Pallas kernels that take segment ids
-  (`alpaca_jax.model.fused_attention`). cuDNN's fused attention is not offered: it takes no
-  segment ids, so packed examples would attend to each other.
+- "pallas_flash" (GPU) and "splash" (TPU): fused Pallas kernels that take segment ids, and
+  "cudnn" (NVIDIA GPU, bf16/fp16): cuDNN's fused kernel with the packing as a per-row mask
+  (`alpaca_jax.model.fused_attention`). On a mesh each runs per device under `shard_map`.
 - "auto" (the default): the fastest of these that is exact for packed rows on the platform
-  the step runs on, chosen (and logged, with the reason) by `select_attention`.
+  the step runs on (the order the benchmark measured, `kernel_table.json`, else
+  `DEFAULT_ORDER`) and that the mesh can split, chosen (and logged, with the reason) by
+  `select_attention`.
 
 Decoding uses a third path: the layer writes the new tokens' keys and values into its
 `KVCache` (slot s holding position s of its row; `write_cache`), then attends over the whole
@@ -26,7 +28,10 @@ K kv heads, G query heads per kv head (N = K * G), H head dim, R rows of a query
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
+from pathlib import Path
 
 import flax.linen as nn
 import flax.struct
@@ -34,80 +39,186 @@ import jax
 import jax.numpy as jnp
 
 from alpaca_jax.config import LoraConfig
-from alpaca_jax.model.fused_attention import pallas_flash_attention, splash_attention
+from alpaca_jax.model.fused_attention import KERNELS, MeshLayout, on_mesh
 from alpaca_jax.model.layers import param
 from alpaca_jax.model.lora import adapted_dense
 from alpaca_jax.model.rope import apply_rope
 
 log = logging.getLogger("alpaca_jax")
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "pallas_flash", "splash")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "pallas_flash", "splash", "cudnn")
 QUERY_CHUNK = 128  # queries per block of the chunked attention (a multiple of the SIMD width)
-FUSED_KERNELS = {"pallas_flash": "gpu", "splash": "tpu"}  # fused kernel -> the platform it compiles for
+FUSED_KERNELS = {"pallas_flash": "gpu", "splash": "tpu", "cudnn": "gpu"}  # fused kernel -> its platform
+INTERPRETABLE = ("pallas_flash", "splash")  # kernels Pallas can interpret off their platform (tests)
+# What `auto` tries first per platform when the kernel table has not measured it: the Pallas
+# kernel measured faster than xla (BENCHMARKS.md), then cuDNN (unmeasured with a packing mask).
+DEFAULT_ORDER = {"gpu": ("pallas_flash", "cudnn"), "tpu": ("splash",)}
+# Written by the GPU/TPU benchmark (benchmarks/gpu.py): per platform, the exact kernels fastest
+# first. Read once per process.
+KERNEL_TABLE = Path(__file__).with_name("kernel_table.json")
 _logged: set[str] = set()  # selection messages already logged (attention is traced once per layer)
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionChoice:
-    implementation: str  # what runs: xla | chunked | pallas_flash | splash
+    implementation: str  # what runs: xla | chunked | pallas_flash | splash | cudnn
     interpret: bool      # a Pallas kernel run by the Pallas interpreter (off its platform: tests)
     reason: str          # why, in words (logged)
+    sharded: bool = False  # a fused kernel run per device under shard_map (a mesh of > 1 device)
 
 
-def _unsupported(kernel: str, head_dim: int) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    """What the choice depends on besides the platform: one layer's attention call."""
+    head_dim: int
+    num_heads: int = 1
+    num_kv_heads: int = 1
+    batch: int = 1
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSplit:
+    """The mesh as the choice sees it (no devices): the size of every mesh axis, and the axes
+    that split the batch, heads, kv heads and length (`MeshLayout` without the mesh)."""
+    axis_sizes: tuple[tuple[str, int], ...] = ()
+    batch: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ()
+    kv_heads: tuple[str, ...] = ()
+    length: tuple[str, ...] = ()
+
+    @property
+    def devices(self) -> int:
+        out = 1
+        for _, size in self.axis_sizes:
+            out *= size
+        return out
+
+    def size(self, axes: tuple[str, ...]) -> int:
+        sizes = dict(self.axis_sizes)
+        out = 1
+        for axis in axes:
+            out *= sizes[axis]
+        return out
+
+    @classmethod
+    def of(cls, layout: MeshLayout) -> "MeshSplit":
+        return cls(tuple(dict(layout.mesh.shape).items()), layout.batch, layout.heads, layout.kv_heads,
+                   layout.length)
+
+
+def _unsupported(kernel: str, shape: AttentionShape) -> str | None:
     """Why `kernel` cannot take this shape, or None. (Lengths never stop them: rows are padded.)"""
+    head_dim = shape.head_dim
     if kernel == "pallas_flash" and not 16 <= head_dim <= 256:
         return f"the Triton flash kernel needs 16 <= head_dim <= 256, got {head_dim}"
     if kernel == "splash" and head_dim % 128:
         return f"splash attention needs head_dim a multiple of 128 (TPU lanes), got {head_dim}"
+    if kernel == "cudnn":
+        if shape.dtype not in ("bfloat16", "float16"):
+            return f"cuDNN attention needs bf16/fp16 compute, got {shape.dtype}"
+        if head_dim % 8 or head_dim > 256:
+            return f"cuDNN attention needs head_dim a multiple of 8 and <= 256, got {head_dim}"
     return None
 
 
-def _decide(requested: str, platform: str, head_dim: int, devices: int) -> tuple[AttentionChoice, bool]:
-    """(choice, whether it is a fallback from what was asked)."""
+def _axes(axes: tuple[str, ...]) -> str:
+    return "mesh axis " + "x".join(repr(a) for a in axes)
+
+
+def _unsplittable(shape: AttentionShape, devices: int, split: MeshSplit | None) -> str | None:
+    """Why a kernel cannot run per device on this mesh, or None (one device needs no split)."""
+    if devices <= 1:
+        return None
+    if split is None or split.devices != devices:
+        return (f"no mesh layout was given for the {devices} devices (XLA would gather a kernel "
+                f"call's q/k/v onto every device)")
+    if split.length:
+        return (f"the length (or head dim) is split over {_axes(split.length)}; the kernels need whole "
+                f"sequences and heads")
+    if split.heads != split.kv_heads:
+        return (f"heads are split over {_axes(split.heads) if split.heads else 'no mesh axis'} but kv "
+                f"heads over {_axes(split.kv_heads) if split.kv_heads else 'no mesh axis'} (GQA groups "
+                f"must stay on one device)")
+    for what, count, axes in (("rows", shape.batch, split.batch), ("heads", shape.num_heads, split.heads),
+                              ("kv heads", shape.num_kv_heads, split.kv_heads)):
+        if count % split.size(axes):
+            return f"{count} {what} do not divide over {_axes(axes)} (size {split.size(axes)})"
+    return None
+
+
+def _decide(requested: str, platform: str, shape: AttentionShape, devices: int = 1,
+            split: MeshSplit | None = None, order: tuple[str, ...] | None = None
+            ) -> tuple[AttentionChoice, bool]:
+    """(choice, whether it is a fallback from what was asked). Pure: everything it depends on
+    is an argument. `order`: this platform's exact fused kernels, fastest first (the kernel
+    table's, else DEFAULT_ORDER's)."""
     fallback = "chunked" if platform == "cpu" else "xla"  # the faster exact jnp path there
+    sharded = devices > 1
+    on_mesh_words = f" per device under shard_map on {devices} devices" if sharded else ""
     if requested in ("xla", "chunked"):
         return AttentionChoice(requested, False, "requested"), False
     if requested == "auto":
-        kernel = next((k for k, p in FUSED_KERNELS.items() if p == platform), None)
-        if kernel is None:
-            return AttentionChoice(fallback, False, f"auto on {platform}: no fused kernel that takes "
-                                   f"segment ids runs here, so {fallback!r}"), platform != "cpu"
-        problem = _unsupported(kernel, head_dim)
-        if devices > 1:
-            # XLA cannot partition a Pallas call: under a sharded jit it would gather q/k/v onto
-            # every device. Until the kernels run under shard_map, meshes keep the jnp path.
-            problem = f"the Pallas kernels are not yet partitioned over a mesh of {devices} devices"
-        if problem:
-            return AttentionChoice(fallback, False, f"auto on {platform}: {problem}; "
-                                   f"falling back to {fallback!r}"), True
-        return AttentionChoice(kernel, False, f"auto on {platform}: fused {kernel!r} kernel "
-                               f"with segment ids (exact for packed rows)"), False
+        candidates = DEFAULT_ORDER.get(platform, ()) if order is None else order
+        if not candidates:
+            why = ("the kernel table measured no exact fused kernel faster than xla here" if order is not None
+                   else "no fused kernel that takes segment ids runs here")
+            return AttentionChoice(fallback, False, f"auto on {platform}: {why}, so {fallback!r}"), \
+                platform != "cpu" and order is None
+        problems = []
+        for kernel in candidates:
+            problem = _unsupported(kernel, shape) or _unsplittable(shape, devices, split)
+            if problem is None:
+                source = "the kernel table's fastest" if order is not None else "the default"
+                return AttentionChoice(kernel, False, f"auto on {platform}: fused {kernel!r} kernel "
+                                       f"({source} exact kernel for packed rows){on_mesh_words}",
+                                       sharded), False
+            problems.append(f"{kernel}: {problem}")
+        return AttentionChoice(fallback, False, f"auto on {platform}: {'; '.join(problems)}; "
+                               f"falling back to {fallback!r}"), True
     if requested not in FUSED_KERNELS:
         raise ValueError(f"unknown attention implementation {requested!r}")
-    problem = _unsupported(requested, head_dim)
+    home = FUSED_KERNELS[requested]
+    problem = _unsupported(requested, shape)
+    if problem is None and platform != home and not (platform == "cpu" and requested in INTERPRETABLE):
+        problem = f"it is a {home} kernel and this is {platform}"
+    problem = problem or _unsplittable(shape, devices, split)
     if problem:
-        return AttentionChoice(fallback, False, f"{requested}: {problem}; falling back to {fallback!r}"), True
-    if platform == FUSED_KERNELS[requested]:
-        if devices > 1:
-            return AttentionChoice(requested, False, f"requested on {devices} devices: XLA gathers a "
-                                   f"Pallas call's inputs onto every device (not partitioned)"), True
-        return AttentionChoice(requested, False, "requested"), False
-    if platform == "cpu":
+        return AttentionChoice(fallback, False, f"model.attention={requested} on {platform}: {problem}; "
+                               f"falling back to {fallback!r}"), True
+    if platform != home:
         return AttentionChoice(requested, True, f"{requested} on cpu runs in Pallas interpret mode "
-                               f"(exact but slow: for tests)"), True
-    return AttentionChoice(fallback, False, f"{requested} is a {FUSED_KERNELS[requested]} kernel and "
-                           f"this is {platform}; falling back to {fallback!r}"), True
+                               f"(exact but slow: for tests){on_mesh_words}", sharded), True
+    return AttentionChoice(requested, False, f"requested{on_mesh_words}", sharded), False
 
 
-def select_attention(requested: str, platform: str, head_dim: int, devices: int = 1) -> AttentionChoice:
+def kernel_order(platform: str) -> tuple[str, ...] | None:
+    """This platform's exact fused kernels, fastest first, from the benchmark's kernel table;
+    None when the table has not measured this platform (then `auto` uses DEFAULT_ORDER)."""
+    return _table_order(KERNEL_TABLE, platform)
+
+
+@functools.cache
+def _table_order(table: Path, platform: str) -> tuple[str, ...] | None:
+    if not table.is_file():
+        return None
+    entry = json.loads(table.read_text()).get(platform)
+    if not entry:
+        return None
+    return tuple(k for k in entry["fastest_exact"] if FUSED_KERNELS.get(k) == platform)
+
+
+def select_attention(requested: str, platform: str, shape: AttentionShape | int, devices: int = 1,
+                     split: MeshSplit | None = None) -> AttentionChoice:
     """The implementation `model.attention=requested` runs on `platform` ("cpu", "gpu", "tpu")
-    with `devices` devices in the computation.
+    for `shape` (or just a head dim) with `devices` devices in the computation, laid out as
+    `split` says.
 
     Logs the choice and why, once per distinct outcome; a fallback from what was asked is a
     warning (never silent).
     """
-    choice, fell_back = _decide(requested, platform, head_dim, devices)
+    shape = AttentionShape(head_dim=shape) if isinstance(shape, int) else shape
+    choice, fell_back = _decide(requested, platform, shape, devices, split, kernel_order(platform))
     message = f"attention: {choice.implementation} ({choice.reason})"
     if requested != choice.implementation or choice.interpret or fell_back:
         if message not in _logged:
@@ -167,20 +278,25 @@ def chunked_causal_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array,
-           implementation: str) -> jax.Array:
+           implementation: str, layout: MeshLayout | None = None) -> jax.Array:
     """Segment-causal GQA attention by the named implementation: [B, T, N, H] out.
 
-    The choice is made at trace time for the platform JAX runs on (`jax.default_backend()`).
+    The choice is made at trace time for the platform JAX runs on (`jax.default_backend()`);
+    on more than one device a fused kernel runs per device under `shard_map` over `layout`.
     """
-    choice = select_attention(implementation, jax.default_backend(), query.shape[-1], jax.device_count())
+    shape = AttentionShape(query.shape[-1], query.shape[2], key.shape[2], query.shape[0], query.dtype.name)
+    split = None if layout is None else MeshSplit.of(layout)
+    devices = jax.device_count() if layout is None else split.devices
+    choice = select_attention(implementation, jax.default_backend(), shape, devices, split)
     if choice.implementation == "chunked":
         return chunked_causal_attention(query, key, value, segment_ids, QUERY_CHUNK)
     if choice.implementation == "xla":
         # dot_product_attention accepts K < N when K divides N.
         return jax.nn.dot_product_attention(query, key, value, mask=segment_causal_mask(segment_ids))
-    if choice.implementation == "pallas_flash":
-        return pallas_flash_attention(query, key, value, segment_ids, interpret=choice.interpret)
-    return splash_attention(query, key, value, segment_ids, interpret=choice.interpret)
+    kernel = functools.partial(KERNELS[choice.implementation], interpret=choice.interpret)
+    if choice.sharded:
+        kernel = on_mesh(kernel, layout)
+    return kernel(query, key, value, segment_ids)
 
 
 @flax.struct.dataclass
@@ -240,6 +356,7 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype
     implementation: str = "auto"
     lora: LoraConfig | None = None  # adapters on some of q, k, v, o (model/lora.py)
+    layout: MeshLayout | None = None  # the mesh a fused kernel runs on per device (None: one device)
 
     @nn.compact
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None, cos: jax.Array, sin: jax.Array,
@@ -264,7 +381,7 @@ class Attention(nn.Module):
         query = apply_rope(query, cos, sin)
         key = apply_rope(key, cos, sin)
         if cache is None:
-            out = attend(query, key, value, segment_ids, self.implementation)  # [B, T, N, H]
+            out = attend(query, key, value, segment_ids, self.implementation, self.layout)  # [B, T, N, H]
         else:
             cache = write_cache(cache, key, value, positions)
             out = cached_attention(query, cache, positions)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from alpaca_jax.config import LoraConfig, ModelConfig
 from alpaca_jax.model.attention import Attention, KVCache
+from alpaca_jax.model.fused_attention import MeshLayout
 from alpaca_jax.model.layers import DTYPES, RMSNorm, dense, param
 from alpaca_jax.model.lora import COLLECTION as LORA_COLLECTION
 from alpaca_jax.model.mlp import SwiGLU
@@ -38,6 +39,7 @@ class Block(nn.Module):
     None) so it can be scanned (caches stack over layers)."""
     config: ModelConfig
     lora: LoraConfig | None = None
+    layout: MeshLayout | None = None
 
     @nn.compact
     def __call__(self, x, segment_ids, cos, sin, positions=None, cache=None):
@@ -45,7 +47,7 @@ class Block(nn.Module):
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         attn_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="attention_norm")(x)
         attn_out, cache = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.init_std,
-                                     dtype, param_dtype, cfg.attention, self.lora, name="attention")(
+                                     dtype, param_dtype, cfg.attention, self.lora, self.layout, name="attention")(
                                          attn_in, segment_ids, cos, sin, positions, cache)
         x = x + attn_out
         mlp_in = RMSNorm(cfg.rms_norm_eps, param_dtype, name="mlp_norm")(x)
@@ -63,6 +65,7 @@ def _block_class(cfg: ModelConfig):
 class Llama(nn.Module):
     config: ModelConfig
     lora: LoraConfig | None = None  # LoRA adapters (a "lora" collection beside "params"); None = none
+    layout: MeshLayout | None = None  # the training mesh, for fused attention per device (attention.py)
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
@@ -101,18 +104,18 @@ class Llama(nn.Module):
                             in_axes=in_axes, length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             if cache is None:
-                x, _ = stack(cfg, self.lora, name="layers")(x, *args)
+                x, _ = stack(cfg, self.lora, self.layout, name="layers")(x, *args)
             else:
                 # Correct but slow: the scan takes the caches stacked (a copy each call), and
                 # slices every layer's weights out of the stack. Decoding unscans instead.
                 stacked = jax.tree.map(lambda *c: jnp.stack(c), *cache)
-                x, stacked = stack(cfg, self.lora, name="layers")(x, *args, stacked)
+                x, stacked = stack(cfg, self.lora, self.layout, name="layers")(x, *args, stacked)
                 cache = tuple(jax.tree.map(lambda c: c[i], stacked) for i in range(cfg.num_layers))
         else:
             updated = []
             for i in range(cfg.num_layers):
                 layer_args = args if cache is None else (*args, cache[i])
-                x, layer_cache = block(cfg, self.lora, name=f"layers_{i}")(x, *layer_args)
+                x, layer_cache = block(cfg, self.lora, self.layout, name=f"layers_{i}")(x, *layer_args)
                 updated.append(layer_cache)
             cache = None if cache is None else tuple(updated)
         if logits_at is not None:

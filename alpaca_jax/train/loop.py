@@ -241,8 +241,9 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
     base_args = () if base is None else (base,)
     loss_chunk, loss_reason = run_loss_chunk(cfg, dict(mesh.shape))
     log.info("loss: %s", loss_reason)
+    model = Llama(cfg.model, cfg.lora, sharding.attention_layout(mesh, rules))  # fused attention per device
     step_fn = jax.jit(
-        functools.partial(train_step, model=Llama(cfg.model, cfg.lora), optimizer=optimizer,
+        functools.partial(train_step, model=model, optimizer=optimizer,
                           schedule=schedule, seed=cfg.train.seed, loss_chunk=loss_chunk),
         in_shardings=(shardings, batch_sh, *(() if base is None else (base_sh,))),
         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -348,7 +349,8 @@ def _held_out_evaluator(cfg: Config, held_out: HeldOut | None, mesh, shardings: 
                            seq_len=cfg.data.max_len, pad_id=special_ids(tokenizer).pad,
                            packing=cfg.data.packing, pack_window=cfg.data.pack_window,
                            shard_index=jax.process_index(), shard_count=jax.process_count())
-    step_fn = jax.jit(functools.partial(eval_step, model=Llama(cfg.model, cfg.lora), loss_chunk=loss_chunk),
+    model = Llama(cfg.model, cfg.lora, sharding.attention_layout(mesh, cfg.mesh.rules))
+    step_fn = jax.jit(functools.partial(eval_step, model=model, loss_chunk=loss_chunk),
                       in_shardings=(shardings.params, batch_sh, *(() if base is None else (base_sh,))),
                       out_shardings=sharding.replicated(mesh))
     if base is not None:  # LoRA: the frozen base is an argument of every eval step too
