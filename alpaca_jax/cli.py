@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("jax._src.xla_bridge", "datasets", "absl", "httpx", "httpx2"):  # httpx: one line per judge request
+    for noisy in ("jax._src.xla_bridge", "datasets", "absl", "httpx", "httpx2",  # httpx: one line per judge request
+                  "gguf"):  # gguf's writer: "This GGUF file is for Little Endian only", per file
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Each command checks its config and output paths before importing JAX (seconds), so bad
     # input fails fast; the library functions check them again for callers without the CLI.

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sentencepiece
-from llama_cpp import Llama, LogitsProcessorList
+from llama_cpp import GGML_TYPE_F32, Llama, LogitsProcessorList
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
@@ -36,6 +36,9 @@ from alpaca_jax.model import Llama as OurLlama
 from alpaca_jax.model.params import adapter_shapes
 from helpers import random_params, tiny_model
 
+# llama.cpp keeps its KV cache in f16 unless told otherwise: f32 here, so an f32 export is
+# compared with f32 arithmetic end to end (the quantized files keep the default).
+F32_CACHE = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 
 
@@ -98,7 +101,8 @@ def gguf_files(run) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def llama_cpp(gguf_files) -> dict[str, Llama]:
     """One llama.cpp model per exported type (each loads in well under a second)."""
-    return {t: Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    return {t: Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False,
+                     **(F32_CACHE if t == "f32" else {}))
             for t, path in gguf_files.items()}
 
 
@@ -163,7 +167,7 @@ def test_llama3_shapes_logits_equal_ours(tmp_path):
     params = random_params(cfg, seed=3)
     run = _save_run(tmp_path / "llama3", cfg, params, train_bpe_tokenizer(TRAIN_TEXTS[:50], 512, 1))
     llm = Llama(str(export_gguf(run, tmp_path / "llama3.gguf", type="f32")), n_ctx=256, n_threads=2,
-                logits_all=True, verbose=False)
+                logits_all=True, verbose=False, **F32_CACHE)
     ids = np.random.default_rng(0).integers(4, 512, 120).tolist()
     theirs = _their_logits(llm, ids)
     np.testing.assert_array_less(np.abs(theirs - _our_logits(cfg, params, ids)).max(), 1e-3)
@@ -281,7 +285,7 @@ def test_gguf_lora_adapter_on_the_base_equals_the_merged_model(tmp_path, run, ou
     files = {mode: export_gguf(lora_run, tmp_path / f"{mode}.gguf", type="f32", lora=mode)
              for mode in ("base", "adapter", "merge")}
     ids = ours["ids"][1]
-    options = dict(n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    options = dict(n_ctx=256, n_threads=2, logits_all=True, verbose=False, **F32_CACHE)
     with_adapter = _their_logits(Llama(str(files["base"]), lora_path=str(files["adapter"]), **options), ids)
     merged = _their_logits(Llama(str(files["merge"]), **options), ids)
     base = _their_logits(Llama(str(files["base"]), **options), ids)

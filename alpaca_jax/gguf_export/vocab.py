@@ -88,10 +88,10 @@ def gguf_vocab(tokenizer, vocab_size: int, where: str) -> GgufVocab:
             types.append(TokenType.UNUSED)
             continue
         tokens.append(token)
-        if i in added:
-            types.append(TokenType.CONTROL if added[i]["special"] else TokenType.USER_DEFINED)
-        elif sentencepiece and i == special_ids.get("unk"):
+        if sentencepiece and i == special_ids.get("unk"):
             types.append(TokenType.UNKNOWN)
+        elif i in added:
+            types.append(TokenType.CONTROL if added[i]["special"] else TokenType.USER_DEFINED)
         elif sentencepiece and BYTE_TOKEN.fullmatch(token):
             types.append(TokenType.BYTE)
         else:
