@@ -1,17 +1,18 @@
 """GGUF export, checked by llama.cpp itself (llama-cpp-python, built from PyPI).
 
-One tiny model serves most tests: its embedding and output head are a rank-64 fit of the bigram
-statistics of an Alpaca-style corpus (a few milliseconds of numpy, where training would cost
-a compile), its blocks random with std 0.1, so every tensor moves the logits and held-out
-perplexity is far below the vocabulary size: quantization error is measurable. llama.cpp must
-give our logits (f32), our greedy tokens, training's token ids for our BPE, a SentencePiece BPE
-and a LLaMA-3-style BPE, the training prompt through `create_chat_completion`, and a GGUF LoRA
-adapter on the base equal to the merged file.
+One tiny model serves most tests: trained here for a few seconds (our own `train_step` on packed
+Alpaca rows, no checkpointing or data pipeline around it) until it answers its training prompts
+with clear margins, so greedy tokens are not near-ties that quantization noise could flip, and
+held-out perplexity is far below the vocabulary size, so quantization error is measurable.
+llama.cpp must give our logits (f32), our greedy tokens, training's token ids for our BPE, a
+SentencePiece BPE and a LLaMA-3-style BPE, the training prompt through `create_chat_completion`,
+and a GGUF LoRA adapter on the base equal to the merged file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import sentencepiece
 from llama_cpp import GGML_TYPE_F32, Llama, LogitsProcessorList
@@ -27,54 +29,68 @@ from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
 from alpaca_jax.checkpoint import restore_params, save_params
 from alpaca_jax.config import Config, LoraConfig, RopeScalingConfig, TokenizerConfig, save_config
+from alpaca_jax.data.packing import pack_rows, plan_rows
 from alpaca_jax.data.templates import alpaca_prompt
 from alpaca_jax.data.tokenize import tokenize_dataset
 from alpaca_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from alpaca_jax.gguf_export import export_gguf
 from alpaca_jax.infer import SamplingConfig, generate, load_model
 from alpaca_jax.model import Llama as OurLlama
+from alpaca_jax.model import init_params
 from alpaca_jax.model.params import adapter_shapes
+from alpaca_jax.train.state import fresh_train_state
+from alpaca_jax.train.step import train_step
 from helpers import random_params, tiny_model
 
+# One thread: these models are tiny, and llama.cpp's threads spin-wait for each other, which
+# costs far more than it gains on a CI machine whose 2 cores are busy with other work.
 # llama.cpp keeps its KV cache in f16 unless told otherwise: f32 here, so an f32 export is
 # compared with f32 arithmetic end to end (the quantized files keep the default).
 F32_CACHE = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 
 
-def _texts(numbers) -> list[str]:
-    return ([alpaca_prompt(f"Add {i} and {i + 3}.") + f"The sum of {i} and {i + 3} is {2 * i + 3}." for i in numbers]
-            + [alpaca_prompt("Name a colour.", f"Number {i}") + f"The colour number {i} is {COLOURS[i % 8]}."
-               for i in numbers])
+def _rows(numbers) -> list[dict]:
+    """Answers a 2-layer model can learn in seconds: copying from the prompt, no arithmetic."""
+    return ([{"instruction": f"Add {i} and {i + 3}.", "input": "",
+              "output": f"The sum of {i} and {i + 3} is {i} plus {i + 3}."} for i in numbers]
+            + [{"instruction": "Name a colour.", "input": f"Like {COLOURS[i % 8]}, number {i}",
+                "output": f"The colour {COLOURS[i % 8]} is a fine colour."} for i in numbers])
 
 
-TRAIN_TEXTS, HELD_OUT = _texts(range(400)), _texts(range(400, 420))
+TRAIN_ROWS, HELD_OUT_ROWS = _rows(range(400)), _rows(range(400, 405))
+TRAIN_TEXTS = [alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in TRAIN_ROWS]
 SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
              max_position_embeddings=256)  # rows of 64 and 128: whole q8_0 / q4_0 blocks of 32
-PROMPTS = [alpaca_prompt("Add 7 and 10."), alpaca_prompt("Name a colour.", "Number 5"),
-           alpaca_prompt("Add 123 and 126."), alpaca_prompt("Name a colour.", "Number 77"),
+PROMPTS = [alpaca_prompt("Add 7 and 10."), alpaca_prompt("Name a colour.", "Like orange, number 5"),
+           alpaca_prompt("Add 123 and 126."), alpaca_prompt("Name a colour.", "Like green, number 77"),
            alpaca_prompt("Tell me about the colour blue.")]
 ROWS = [{"instruction": "Add 7 and 10.", "input": "", "output": "17"},
-        {"instruction": "Name a colour.", "input": "Number 5", "output": "orange"}]
+        {"instruction": "Name a colour.", "input": "Like orange, number 5", "output": "orange"}]
 # Whitespace runs, tabs, digits, contractions, accents and CJK: where pre-tokenizers differ.
 TRICKY = "Don't  stop:\n\n\tCafé naïve 東京 12345 x\n  ### Response:"
 NEW_TOKENS = 16
+TRAIN_STEPS, BATCH, SEQ_LEN = 150, 16, 128
 
 
-def _bigram_params(cfg, tokenizer, texts, seed: int = 0):
-    """random_params with the embedding and head fitted to the bigram log-probabilities."""
-    vocab, width = cfg.vocab_size, cfg.hidden_size
-    counts = np.full((vocab, vocab), 0.01)
-    for text in texts:
-        ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
-        np.add.at(counts, (ids[:-1], ids[1:]), 1.0)
-    log_p = np.log(counts / counts.sum(1, keepdims=True))
-    u, s, vt = np.linalg.svd(log_p - log_p.mean(1, keepdims=True))
-    embedding = u[:, :width] * np.sqrt(s[:width])
-    params = random_params(cfg, seed)
-    params["embedding"] = (3 * embedding / np.sqrt((embedding ** 2).mean(1, keepdims=True))).astype(np.float32)
-    params["lm_head"] = (0.5 * vt[:width].T * np.sqrt(s[:width])).astype(np.float32)
-    return params
+def _trained_params(cfg, tokenizer, seed: int = 0):
+    """TRAIN_STEPS Adam steps of our train_step on packed TRAIN_ROWS (response tokens in the loss)."""
+    tokenized, _ = tokenize_dataset(datasets.Dataset.from_list(TRAIN_ROWS), tokenizer, SEQ_LEN, add_bos=True)
+    ids = [np.asarray(r["input_ids"]) for r in tokenized]
+    masks = [np.asarray(r["loss_mask"]) for r in tokenized]
+    optimizer = optax.adam(3e-3)
+    step = jax.jit(functools.partial(train_step, model=OurLlama(cfg), optimizer=optimizer,
+                                     schedule=optax.constant_schedule(3e-3)))
+    state = fresh_train_state(init_params(cfg, jax.random.key(seed)), optimizer)
+    rng, rows = np.random.default_rng(seed), []
+    for _ in range(TRAIN_STEPS):
+        if len(rows) < BATCH:  # another epoch, reshuffled
+            rows += plan_rows([len(i) - 1 for i in ids], rng.permutation(len(ids)), SEQ_LEN)
+        batch = pack_rows(rows[:BATCH], ids, masks, SEQ_LEN, tokenizer.eos_token_id)
+        rows = rows[BATCH:]
+        state, metrics = step(state, jax.tree.map(lambda x: x[None], batch))
+    assert float(metrics["loss"]) < 0.5, float(metrics["loss"])  # it learned to answer
+    return jax.tree.map(np.asarray, state.params)
 
 
 def _save_run(root: Path, model_cfg, params, tokenizer, **config) -> Path:
@@ -89,8 +105,7 @@ def _save_run(root: Path, model_cfg, params, tokenizer, **config) -> Path:
 def run(tmp_path_factory) -> Path:
     tokenizer = train_bpe_tokenizer(TRAIN_TEXTS, 512, 1)
     cfg = tiny_model(**SHAPE)
-    return _save_run(tmp_path_factory.mktemp("gguf") / "run", cfg, _bigram_params(cfg, tokenizer, TRAIN_TEXTS),
-                     tokenizer)
+    return _save_run(tmp_path_factory.mktemp("gguf") / "run", cfg, _trained_params(cfg, tokenizer), tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +116,7 @@ def gguf_files(run) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def llama_cpp(gguf_files) -> dict[str, Llama]:
     """One llama.cpp model per exported type (each loads in well under a second)."""
-    return {t: Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False,
+    return {t: Llama(str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False,
                      **(F32_CACHE if t == "f32" else {}))
             for t, path in gguf_files.items()}
 
@@ -166,7 +181,7 @@ def test_llama3_shapes_logits_equal_ours(tmp_path):
                         "rope_scaling": RopeScalingConfig(original_max_position_embeddings=32), "scan_layers": False})
     params = random_params(cfg, seed=3)
     run = _save_run(tmp_path / "llama3", cfg, params, train_bpe_tokenizer(TRAIN_TEXTS[:50], 512, 1))
-    llm = Llama(str(export_gguf(run, tmp_path / "llama3.gguf", type="f32")), n_ctx=256, n_threads=2,
+    llm = Llama(str(export_gguf(run, tmp_path / "llama3.gguf", type="f32")), n_ctx=256, n_threads=1,
                 logits_all=True, verbose=False, **F32_CACHE)
     ids = np.random.default_rng(0).integers(4, 512, 120).tolist()
     theirs = _their_logits(llm, ids)
@@ -183,21 +198,24 @@ def test_quantized_greedy_agrees_with_ours(llama_cpp, ours, type):
     assert sum(agree) >= 4, agree
 
 
-def _perplexity(llm: Llama, tokenizer, texts) -> float:
+def _perplexity(llm: Llama, tokenizer, rows) -> float:
+    """Perplexity of the responses of `rows` given their prompts (what training put in the loss)."""
     nll, count = 0.0, 0
-    for text in texts:
-        ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokenized, _ = tokenize_dataset(datasets.Dataset.from_list(rows), tokenizer, SEQ_LEN, add_bos=True)
+    for row in tokenized:
+        ids, mask = [int(t) for t in row["input_ids"]], np.asarray(row["loss_mask"], bool)
         logits = _their_logits(llm, ids)[:-1].astype(np.float64)
         log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        nll -= log_probs[np.arange(len(ids) - 1), ids[1:]].sum()
-        count += len(ids) - 1
+        scored = mask[1:]
+        nll -= log_probs[np.arange(len(ids) - 1), ids[1:]][scored].sum()
+        count += int(scored.sum())
     return float(np.exp(nll / count))
 
 
 def test_q8_0_perplexity_is_within_2_percent_of_f32(run, llama_cpp):
     tokenizer = load_tokenizer(run / "tokenizer")
-    f32, q8_0, q4_0 = (_perplexity(llama_cpp[t], tokenizer, HELD_OUT) for t in ("f32", "q8_0", "q4_0"))
-    assert f32 < 20, f32  # the model predicts held-out text (uniform would be 512)
+    f32, q8_0, q4_0 = (_perplexity(llama_cpp[t], tokenizer, HELD_OUT_ROWS) for t in ("f32", "q8_0", "q4_0"))
+    assert f32 < 10, f32  # the model predicts held-out answers (uniform would be 512)
     assert abs(q8_0 / f32 - 1) < 0.02, (f32, q8_0)
     assert q4_0 < 1.5 * f32, (f32, q4_0)  # 4 bits: coarser, still the same model
 
@@ -250,7 +268,7 @@ def test_llama_cpp_tokenizes_as_training(tmp_path, run, kind):
     for row, expected in zip(ROWS, _training_prompt_ids(tokenizer)):
         prompt = alpaca_prompt(row["instruction"], row["input"])
         assert vocab.tokenize(prompt.encode(), add_bos=True, special=False) == expected
-    for text in (TRICKY, HELD_OUT[0]):
+    for text in (TRICKY, TRAIN_TEXTS[-1]):
         assert vocab.tokenize(text.encode(), add_bos=False, special=False) == \
             tokenizer(text, add_special_tokens=False)["input_ids"]
     assert vocab.token_bos() == tokenizer.bos_token_id and vocab.token_eos() == tokenizer.eos_token_id
@@ -285,7 +303,7 @@ def test_gguf_lora_adapter_on_the_base_equals_the_merged_model(tmp_path, run, ou
     files = {mode: export_gguf(lora_run, tmp_path / f"{mode}.gguf", type="f32", lora=mode)
              for mode in ("base", "adapter", "merge")}
     ids = ours["ids"][1]
-    options = dict(n_ctx=256, n_threads=2, logits_all=True, verbose=False, **F32_CACHE)
+    options = dict(n_ctx=256, n_threads=1, logits_all=True, verbose=False, **F32_CACHE)
     with_adapter = _their_logits(Llama(str(files["base"]), lora_path=str(files["adapter"]), **options), ids)
     merged = _their_logits(Llama(str(files["merge"]), **options), ids)
     base = _their_logits(Llama(str(files["base"]), **options), ids)
