@@ -12,8 +12,11 @@ Export: a ~1.1B run (TinyLlama-1.1B's shapes, as benchmarks/convert.py: hidden 2
 32 heads / 4 KV heads, MLP 5632, vocab 32000; random bf16 params) exported as f16 and q8_0, each
 in a fresh process: wall time and peak resident memory (`ru_maxrss`).
 
-    python benchmarks/gguf.py            # writes benchmarks/results/gguf.json
-    python benchmarks/gguf.py --quick    # smoke run: tiny shape, no 1B export
+    python benchmarks/gguf_export.py            # writes benchmarks/results/gguf.json
+    python benchmarks/gguf_export.py --quick    # smoke run: tiny shape, no 1B export
+
+(Not named gguf.py: Python puts this folder first on sys.path, and the file would shadow the
+`gguf` package it benchmarks.)
 """
 
 from __future__ import annotations
@@ -31,8 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))  # this folder is already on sys.path (the script's own)
 
 from generation import PROMPT_TOKENS, _interleaved_best, _make_run, _NoEos, _ours_call, _prompts  # noqa: E402
 
@@ -145,7 +147,7 @@ def main() -> None:
     import llama_cpp
     report = {"machine": platform.processor() or platform.machine(), "cpu": _cpu_model(), "cores": os.cpu_count(),
               "jax": jax.__version__, "llama_cpp_python": llama_cpp.__version__,
-              "command": "python benchmarks/gguf.py" + (" --quick" if args.quick else "")}
+              "command": "python benchmarks/gguf_export.py" + (" --quick" if args.quick else "")}
     with tempfile.TemporaryDirectory() as tmp:
         report["decode"] = decode("tiny" if args.quick else "30m", 16 if args.quick else args.new_tokens,
                                   args.repeats, Path(tmp))
