@@ -3,7 +3,8 @@
 Decode (CPU, batch 1): the generation benchmark's `30m` shape (hidden 512, 8 layers, vocab 8192;
 random init std 0.02 and a BPE that fills the vocabulary: benchmarks/generation.py `_make_run`),
 exported with `export-gguf` as f16, q8_0 and q4_0 and run by llama.cpp through llama-cpp-python
-(its greedy sampler, all cores), beside our KV-cached greedy decode of the same run
+(its greedy sampler; all cores, and one thread: llama.cpp's threads spin-wait for each other,
+which a core busy with other work makes costly), beside our KV-cached greedy decode of the same run
 (`decode_rows`, EOS disabled). Both sides: BOS + 32 prompt tokens, N new tokens, tokens/s = N /
 wall time of the whole call (prefill included) after an untimed warm-up call; `--repeats` timed
 calls per side, all sides alternating, the best of each.
@@ -44,11 +45,11 @@ BIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layer
 BIG_TYPES = ("f16", "q8_0")
 
 
-def _llama_cpp_call(path: Path, prompt: list[int], new_tokens: int):
+def _llama_cpp_call(path: Path, prompt: list[int], new_tokens: int, threads: int):
     """A function that decodes `new_tokens` greedily with llama.cpp and returns its wall time."""
     from llama_cpp import Llama
-    llm = Llama(str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=os.cpu_count(), n_batch=512,
-                verbose=False)
+    llm = Llama(str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, verbose=False)
 
     def call() -> float:
         start = time.perf_counter()
@@ -77,7 +78,9 @@ def decode(shape: str, new_tokens: int, repeats: int, work: Path) -> dict:
     prompt = [model.tokenizer.bos_token_id] + [int(t) for t in _prompts(1, model.config.vocab_size)[0]]
     calls = {"ours": _ours_call(model, 1, new_tokens)}
     for gguf_type in TYPES:
-        calls[f"llama.cpp {gguf_type}"] = _llama_cpp_call(work / f"{shape}-{gguf_type}.gguf", prompt, new_tokens)
+        for threads in sorted({os.cpu_count(), 1}, reverse=True):
+            calls[f"llama.cpp {gguf_type}, {threads} thread{'s' if threads > 1 else ''}"] = _llama_cpp_call(
+                work / f"{shape}-{gguf_type}.gguf", prompt, new_tokens, threads)
     best = _interleaved_best(calls, repeats)
     ours = new_tokens / best["ours"]
     rows = {name: {"tokens_per_s": new_tokens / wall, "wall_s": wall, "vs_ours": (new_tokens / wall) / ours}

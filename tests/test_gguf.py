@@ -34,6 +34,7 @@ from alpaca_jax.data.templates import alpaca_prompt
 from alpaca_jax.data.tokenize import tokenize_dataset
 from alpaca_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from alpaca_jax.gguf_export import export_gguf
+from alpaca_jax.hf import export_hf
 from alpaca_jax.infer import SamplingConfig, generate, load_model
 from alpaca_jax.model import Llama as OurLlama
 from alpaca_jax.model import init_params
@@ -160,12 +161,16 @@ def _training_prompt_ids(tokenizer, rows=ROWS) -> list[list[int]]:
 
 # -- f32: llama.cpp computes our function ------------------------------------------------------
 
-def test_f32_logits_equal_ours(run, llama_cpp, ours):
+def test_f32_logits_equal_ours(run, llama_cpp, ours, tmp_path):
+    """From the run, and from its `export-hf` directory (RUN may be a HF LLaMA directory)."""
     ids = ours["ids"][0]
-    theirs = _their_logits(llama_cpp["f32"], ids)
     mine = _our_logits(tiny_model(**SHAPE), restore_params(run / "params"), ids)
     assert np.abs(mine).max() > 5.0  # a meaningful scale, not a near-zero comparison
-    np.testing.assert_array_less(np.abs(theirs - mine).max(), 1e-3)
+    np.testing.assert_array_less(np.abs(_their_logits(llama_cpp["f32"], ids) - mine).max(), 1e-3)
+    from_hf = export_gguf(export_hf(run, tmp_path / "hf"), tmp_path / "from-hf.gguf", type="f32")
+    llm = Llama(str(from_hf), n_ctx=256, n_threads=1, logits_all=True, verbose=False, **F32_CACHE)
+    np.testing.assert_array_less(np.abs(_their_logits(llm, ids) - mine).max(), 1e-3)
+    assert llm.metadata["tokenizer.chat_template"] == llama_cpp["f32"].metadata["tokenizer.chat_template"]
 
 
 def test_f32_greedy_generation_gives_our_tokens(llama_cpp, ours):

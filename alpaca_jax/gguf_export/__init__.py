@@ -7,7 +7,7 @@ LoRA adapters, written with the `gguf` package, llama.cpp's own writer).
 """
 
 from alpaca_jax.gguf_export.export import export_gguf
-from alpaca_jax.gguf_export.tensors import TYPES, interleave_rotary_rows, rope_factors
+from alpaca_jax.gguf_export.tensors import TYPES
 from alpaca_jax.gguf_export.vocab import GgufVocab, gguf_vocab
 
-__all__ = ["export_gguf", "TYPES", "interleave_rotary_rows", "rope_factors", "GgufVocab", "gguf_vocab"]
+__all__ = ["export_gguf", "TYPES", "GgufVocab", "gguf_vocab"]
