@@ -21,6 +21,7 @@ examples:
   alpaca-jax export-peft runs/alpaca-lora-7b adapters/alpaca-lora   # adapters for peft
   alpaca-jax export-hf runs/alpaca-lora-7b hf/alpaca-lora --merge   # merged full weights
   alpaca-jax import-hf /models/llama-2-7b-hf imported/llama2   # HF LLaMA dir -> our params
+  alpaca-jax export-gguf runs/smoke smoke-q8_0.gguf --type q8_0   # for llama.cpp / llama-server
   alpaca-jax chat runs/smoke                               # talk to a trained run in the terminal
   alpaca-jax respond runs/smoke --input rows.jsonl -o answers.jsonl
   alpaca-jax serve runs/smoke --port 8000                 # OpenAI-compatible API on 127.0.0.1
@@ -100,6 +101,25 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example: alpaca-jax export-peft runs/alpaca-lora-7b adapters/alpaca-lora-7b")
     export_peft.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
     export_peft.add_argument("out_dir", metavar="OUT_DIR")
+
+    export_gguf = sub.add_parser(
+        "export-gguf", help="write a model as one GGUF file for llama.cpp (llama-server, llama-cpp-python)",
+        description="Write RUN as a llama.cpp LLaMA model: weights in llama.cpp's names and layout "
+                    "(f32, f16, bf16, or quantized q8_0 / q4_0), the tokenizer that encodes as "
+                    "training did, BOS/EOS, and the run's chat template (llama-server --jinja, "
+                    "llama-cpp-python create_chat_completion). RUN is a run directory (its latest "
+                    "checkpoint), RUN/checkpoints/STEP, an import-hf output or a local Hugging Face "
+                    "LLaMA directory. A LoRA run is merged unless --lora says otherwise.",
+        epilog="example: alpaca-jax export-gguf runs/alpaca-lora-7b lora.gguf --lora adapter "
+               "(then: llama-cli -m base.gguf --lora lora.gguf)")
+    export_gguf.add_argument("source", metavar="RUN")
+    export_gguf.add_argument("out", metavar="OUT.gguf")
+    # Checked by preflight (not argparse `choices`): a bad value is then one line, like every error.
+    export_gguf.add_argument("--type", default="f16", metavar="TYPE",
+                             help="weight encoding: f32, f16 (default), bf16, q8_0 or q4_0 (norms stay f32)")
+    export_gguf.add_argument("--lora", default="merge", metavar="MODE",
+                             help="LoRA runs: merge (default: adapters folded into the weights), base (the "
+                                  "frozen base alone) or adapter (the adapters alone, a GGUF LoRA file)")
 
     import_ = sub.add_parser(
         "import-hf", help="convert a local Hugging Face LLaMA directory to our params",
@@ -295,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("jax._src.xla_bridge", "datasets", "absl", "httpx", "httpx2"):  # httpx: one line per judge request
+    for noisy in ("jax._src.xla_bridge", "datasets", "absl", "httpx", "httpx2",  # httpx: one line per judge request
+                  "gguf"):  # gguf's writer: "This GGUF file is for Little Endian only", per file
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Each command checks its config and output paths before importing JAX (seconds), so bad
     # input fails fast; the library functions check them again for callers without the CLI.
@@ -323,6 +344,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         preflight.check_export_hf(args.source, args.out_dir)
         from alpaca_jax.hf import export_peft
         export_peft(args.source, args.out_dir)
+    elif args.command == "export-gguf":
+        preflight.check_export_gguf(args.source, args.out, args.type, args.lora)
+        from alpaca_jax.gguf_export import export_gguf
+        export_gguf(args.source, args.out, type=args.type, lora=args.lora)
     elif args.command == "import-hf":
         preflight.check_import_hf(args.hf_dir, args.out_dir)
         from alpaca_jax.hf import import_hf

@@ -17,10 +17,13 @@ from typing import Any
 from alpaca_jax.configlib import ConfigError, load_yaml, to_dict
 from alpaca_jax.files import check_writable_dir, check_writable_file
 
-__all__ = ["check_train_outputs", "check_export_hf", "check_import_hf", "check_model_sources",
+__all__ = ["check_train_outputs", "check_export_hf", "check_export_gguf", "check_import_hf", "check_model_sources",
            "check_output_dir", "check_output_file", "changed_math_keys", "check_resume_config"]
 
 CHECKPOINT_DIR = "checkpoints"  # as in checkpoint.py, which imports JAX and so cannot be used here
+# export-gguf's --type and --lora values (gguf_export/tensors.py maps each type to its encoding).
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_LORA_MODES = ("merge", "base", "adapter")
 
 # Keys that change no number the run computes: where it writes, how it logs, how it is laid
 # out on devices (restoring onto another mesh is exact), and resuming itself.
@@ -43,6 +46,18 @@ def check_export_hf(source: str | Path, out_dir: str | Path) -> None:
     if not Path(source).is_dir():
         raise ConfigError(f"RUN_DIR_OR_CHECKPOINT: {source} is not a directory")
     check_writable_dir(out_dir, "OUT_DIR", ConfigError)
+
+
+def check_export_gguf(source: str | Path, out: str | Path, type: str, lora: str) -> None:
+    """export-gguf reads a run, checkpoint, import-hf output or HF directory and writes one file."""
+    if type not in GGUF_TYPES:
+        raise ConfigError(f"--type {type!r} is not one of {', '.join(GGUF_TYPES)}")
+    if lora not in GGUF_LORA_MODES:
+        raise ConfigError(f"--lora {lora!r} is not one of {', '.join(GGUF_LORA_MODES)}")
+    if not Path(source).is_dir():
+        raise ConfigError(f"RUN: {source} is not a directory (a run, RUN/checkpoints/STEP, an import-hf "
+                          f"output or a local Hugging Face LLaMA directory)")
+    check_writable_file(out, "OUT", ConfigError)
 
 
 def check_import_hf(hf_dir: str | Path, out_dir: str | Path) -> None:

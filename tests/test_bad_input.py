@@ -117,6 +117,14 @@ ROWS = [
         files=IMPORTED),
     Row("export-not-a-run", ("export-hf", "{tmp}/empty", "{tmp}/out"), ("{tmp}/empty", "not a run directory"),
         files={"empty/.keep": ""}),
+    # -- export-gguf ----------------------------------------------------------------------------
+    Row("export-gguf-unknown-type", ("export-gguf", "{tmp}/src", "{tmp}/out.gguf", "--type", "q5_k"),
+        ("--type", "q5_k", "q8_0"), files=IMPORTED),
+    Row("export-gguf-not-llama", ("export-gguf", "{tmp}/hf", "{tmp}/out.gguf"),
+        ("{tmp}/hf/config.json", "model_type 'gpt2'", "not a LLaMA"),
+        files={"hf/config.json": json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})}),
+    Row("export-gguf-read-only-out", ("export-gguf", "{tmp}/src", "{ro}/out.gguf"), ("OUT", "{ro}/out.gguf"),
+        files=IMPORTED),
     # -- import-hf ------------------------------------------------------------------------------
     Row("import-no-config-json", ("import-hf", "{tmp}", "{tmp}/out"), ("{tmp}", "no config.json")),
     Row("import-read-only-out", ("import-hf", "{tmp}/hf", "{ro}/out"), ("OUT", "{ro}/out"),

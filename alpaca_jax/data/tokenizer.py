@@ -47,9 +47,14 @@ def load_tokenizer(path: str | Path):
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (GPT-2 style: no unknown bytes, lossless decode) trained on `texts`."""
+    """Byte-level BPE (GPT-2 style: no unknown bytes, lossless decode) trained on `texts`.
+
+    The pre-tokenizer is GPT-2's (ByteLevel with its regex, no prefix space), which llama.cpp
+    implements as its `gpt-2` pre-tokenizer: `export-gguf` labels the run's BPE so, and
+    tests/test_gguf.py checks llama.cpp's ids against ours. Another split would need a
+    pre-tokenizer llama.cpp knows."""
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,

@@ -74,7 +74,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, dtype: str | None = No
                               f"config.yaml); export it without --merge")
     else:
         params = restore_params(saved.params_dir)  # host numpy arrays, one copy
-    entries = _export_entries(params, cfg, NUMPY_DTYPES[dtype], str(saved.params_dir))
+    entries = hf_tensor_entries(params, cfg, NUMPY_DTYPES[dtype], str(saved.params_dir))
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, dtype: str | None = No
     files = write_sharded(out_dir, entries, max_shard_size)
     del params
 
-    tokenizer_dir = _tokenizer_source(saved.run_dir, saved.config)
+    tokenizer_dir = run_tokenizer_dir(saved.run_dir, saved.config)
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer_dir is not None:
         ids = export_tokenizer(tokenizer_dir, out_dir, TOKENIZER_FILES, saved.config)
@@ -100,7 +100,8 @@ def export_hf(source: str | Path, out_dir: str | Path, *, dtype: str | None = No
     return out_dir
 
 
-def _export_entries(params, cfg: ModelConfig, dtype: np.dtype, where: str) -> list[TensorEntry]:
+def hf_tensor_entries(params, cfg: ModelConfig, dtype: np.dtype, where: str) -> list[TensorEntry]:
+    """Every HF tensor of `params` (ours, host arrays), each made in `dtype` only when read."""
     mapped = {p.path for p in placements(cfg)}
     for path in leaf_paths(params):
         if path not in mapped:
@@ -132,7 +133,8 @@ def _raw(x: np.ndarray) -> np.ndarray:
     return x.view(f"u{x.dtype.itemsize}")
 
 
-def _tokenizer_source(run_dir: Path, config: Config) -> Path | None:
+def run_tokenizer_dir(run_dir: Path, config: Config) -> Path | None:
+    """The tokenizer a run trained with: its own trained BPE, else `tokenizer.path`."""
     for candidate in (run_dir / "tokenizer", config.tokenizer.path):
         if candidate and any((Path(candidate) / f).is_file() for f in TOKENIZER_FILES):
             return Path(candidate)

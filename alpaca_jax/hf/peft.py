@@ -18,6 +18,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -62,7 +63,21 @@ def peft_config(lora: LoraConfig, base_model: str | None) -> dict:
     }
 
 
-def _lora_run(source: str | Path) -> SavedParams:
+def hf_adapters(saved: SavedParams) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(HF module name, A [r, in], B [out, r]) for every adapted weight of a LoRA run, in HF's
+    layout (what PEFT stores, and llama.cpp's LoRA files too)."""
+    cfg, lora = saved.config.model, saved.config.lora
+    adapters = restore_params(saved.params_dir)
+    for module, p, path_a, path_b in _adapter_placements(cfg, lora):
+        a, b = get_path(adapters, path_a), get_path(adapters, path_b)
+        a, b = (np.asarray(a if p.layer is None else a[p.layer]), np.asarray(b if p.layer is None else b[p.layer]))
+        fan_in = math.prod(a.shape[:p.input_dims])
+        yield (module, np.ascontiguousarray(a.reshape(fan_in, lora.rank).T),   # [r, in]
+               np.ascontiguousarray(b.reshape(lora.rank, -1).T))               # [out, r]
+
+
+def lora_run(source: str | Path) -> SavedParams:
+    """The run at `source`, which must be a LoRA run."""
     saved = find_params(source)
     if saved.config.lora is None:
         raise ConversionError(f"{saved.run_dir}: not a LoRA run (its config.yaml has no lora section)")
@@ -71,16 +86,10 @@ def _lora_run(source: str | Path) -> SavedParams:
 
 def export_peft(source: str | Path, out_dir: str | Path) -> Path:
     """Write a LoRA run's adapters (latest checkpoint, or the given one) in PEFT's format."""
-    saved = _lora_run(source)
-    cfg, lora = saved.config.model, saved.config.lora
-    adapters = restore_params(saved.params_dir)
+    saved = lora_run(source)
+    lora = saved.config.lora
     entries = []
-    for module, p, path_a, path_b in _adapter_placements(cfg, lora):
-        a, b = get_path(adapters, path_a), get_path(adapters, path_b)
-        a, b = (np.asarray(a if p.layer is None else a[p.layer]), np.asarray(b if p.layer is None else b[p.layer]))
-        fan_in = math.prod(a.shape[:p.input_dims])
-        a_hf = np.ascontiguousarray(a.reshape(fan_in, lora.rank).T)      # [r, in]
-        b_hf = np.ascontiguousarray(b.reshape(lora.rank, -1).T)          # [out, r]
+    for module, a_hf, b_hf in hf_adapters(saved):
         for suffix, array in (("lora_A", a_hf), ("lora_B", b_hf)):
             entries.append(TensorEntry(f"{PEFT_PREFIX}{module}.{suffix}.weight", array.dtype, array.shape,
                                        lambda array=array: array))
