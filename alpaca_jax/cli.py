@@ -8,6 +8,7 @@ import os
 import sys
 
 from alpaca_jax.configlib import ConfigError
+from alpaca_jax.errors import UserError
 
 EPILOG = """\
 examples:
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except _user_errors() as e:
+    except UserError as e:  # bad config, data, disk or request: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         code = getattr(e, "exit_code", 2)  # 2 for bad input; 128+signal for an interrupted run
         if is_process and getattr(e, "abandon_threads", False):
@@ -312,21 +313,6 @@ def _eval(args: argparse.Namespace) -> None:
     results = evaluate(args.runs, args.data, args.out, judge=judge, baseline=args.baseline,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
     print(markdown_table(results), end="")
-
-
-# Errors caused by the user's config, data or disk, by module: reported in one line, no traceback.
-USER_ERRORS = {"alpaca_jax.configlib": "ConfigError", "alpaca_jax.data.records": "DataError",
-               "alpaca_jax.train.loop": "TrainingError", "alpaca_jax.train.preemption": "Interrupted",
-               "alpaca_jax.checkpoint": "CheckpointError", "alpaca_jax.hf.errors": "ConversionError",
-               "alpaca_jax.infer.decode": "PromptError", "alpaca_jax.infer.conversation": "ConversationError",
-               "alpaca_jax.eval.runner": "EvalError", "alpaca_jax.eval.judge": "JudgeError"}
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The user-error classes of the modules loaded so far. A module never imported cannot have
-    raised, and importing it here would cost seconds (JAX) on the errors that must be fast."""
-    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items()
-                 if module in sys.modules)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 from alpaca_jax.data.records import DataError, read_records, resolve_data_path
 from alpaca_jax.data.templates import alpaca_prompt
 from alpaca_jax.infer import Row, SamplingConfig, load_model, stream_rows
+from alpaca_jax.jsonl import read_jsonl
 
 log = logging.getLogger("alpaca_jax")
 FSYNC_EVERY_S = 1.0  # how often answers are forced to disk (a killed process loses nothing flushed)
@@ -26,19 +27,11 @@ FSYNC_EVERY_S = 1.0  # how often answers are forced to disk (a killed process lo
 
 def _answered(output: Path, rows: list[dict[str, str]]) -> set[int]:
     """Indices already in `output`; a torn last line (killed mid-write) is cut off first."""
-    if not output.is_file():
-        return set()
-    data = output.read_bytes()
-    keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial line
-    if keep < len(data):
-        with open(output, "r+b") as f:
-            f.truncate(keep)
     done: set[int] = set()
-    for line_no, line in enumerate(data[:keep].decode("utf-8").splitlines(), start=1):
+    for line_no, record in read_jsonl(output, repair=True, error=DataError):
         try:
-            record = json.loads(line)
             index = record["index"]
-        except (ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             raise DataError(f"{output}:{line_no}: not a line written by respond") from None
         if not (isinstance(index, int) and 0 <= index < len(rows)) or record.get("instruction") != rows[index]["instruction"]:
             raise DataError(f"{output}:{line_no}: row {index} does not match the input file "

@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from alpaca_jax.configlib import ConfigError
+from alpaca_jax.errors import UserError
 from alpaca_jax.infer import LoadedModel, PromptError, PromptTooLongError, Row, SamplingConfig, encode_prompt
 from alpaca_jax.infer.batcher import BatchingEngine
 from alpaca_jax.infer.conversation import ConversationError, conversation_prompt
@@ -53,7 +54,7 @@ class ServeConfig:
     gather_ms: float = 10.0            # milliseconds an idle engine waits for more requests to batch
 
 
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     """A request the server refuses; becomes a 400 (or `status`) with an OpenAI error body."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):

@@ -11,6 +11,7 @@ import json
 import sys
 
 from alpaca_jax.configlib import ConfigError
+from alpaca_jax.errors import UserError
 
 __all__ = ["main", "EXIT_CODES"]
 
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> int:
     from data_gen.config import load_config
     from data_gen.generate import generate
-    from data_gen.teacher import TeacherFatalError
+    from alpaca_jax.llm.client import TeacherFatalError
 
     config = load_config(args.config, args.overrides)
     try:
@@ -124,6 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return _generate(args) if args.command == "generate" else _dedup(args)
-    except ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,14 +24,14 @@ from typing import Any
 
 from alpaca_jax.configlib import ConfigError, dump_yaml
 from alpaca_jax.files import check_writable_dir
+from alpaca_jax.llm.budget import Budget
+from alpaca_jax.llm.client import Teacher
+from alpaca_jax.llm.journal import Journal
 from data_gen.alpaca import run_alpaca
-from data_gen.budget import Budget
 from data_gen.config import GenerateConfig
-from data_gen.journal import Journal
 from data_gen.report import Report, write_json_atomic
 from data_gen.seeds import load_seed_tasks
 from data_gen.self_instruct import run_self_instruct
-from data_gen.teacher import Teacher
 
 __all__ = ["generate"]
 

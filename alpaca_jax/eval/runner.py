@@ -19,6 +19,7 @@ import logging
 import re
 from pathlib import Path
 
+from alpaca_jax.errors import UserError
 from alpaca_jax.eval.config import JudgeConfig
 from alpaca_jax.eval.dataset import EvalItem, load_eval_file
 from alpaca_jax.eval.judge import Matchup, judge_matchups, open_judge
@@ -34,7 +35,7 @@ log = logging.getLogger("alpaca_jax")
 REFERENCES = "references"   # the baseline name of the eval file's own answers
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """Bad eval input (missing run, impossible baseline); one line names it."""
 
 

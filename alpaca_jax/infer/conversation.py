@@ -13,11 +13,12 @@ from __future__ import annotations
 from alpaca_jax.data.chat import render_prompt
 from alpaca_jax.data.records import DataError
 from alpaca_jax.data.templates import PROMPT_NO_INPUT
+from alpaca_jax.errors import UserError
 
 DEFAULT_SYSTEM = PROMPT_NO_INPUT.split("\n\n")[0]  # "Below is an instruction that describes a task. ..."
 
 
-class ConversationError(ValueError):
+class ConversationError(UserError, ValueError):
     """A conversation that cannot be rendered (no user turn last, unknown role, ...)."""
 
 

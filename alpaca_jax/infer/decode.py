@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alpaca_jax.errors import UserError
 from alpaca_jax.infer.cache import bucket, cache_bucket, init_cache, prompt_bucket
 from alpaca_jax.infer.loader import LoadedModel
 from alpaca_jax.infer.sampling import SamplingConfig, sample_next
@@ -32,7 +33,7 @@ from alpaca_jax.infer.text import TextTracker
 from alpaca_jax.model import Llama
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt that cannot be decoded (empty, or too long); the message says which."""
 
 

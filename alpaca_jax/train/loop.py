@@ -27,6 +27,7 @@ from alpaca_jax.data.conversations import read_conversations
 from alpaca_jax.data.records import resolve_data_path
 from alpaca_jax.data.split import split_sources
 from alpaca_jax.data.tokenize import tokenize_conversations
+from alpaca_jax.errors import UserError
 from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
 from alpaca_jax.model import Llama
 from alpaca_jax.preflight import check_resume_config, check_train_outputs
@@ -42,7 +43,7 @@ from alpaca_jax.train.step import train_step
 log = logging.getLogger("alpaca_jax")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on (e.g. the loss became NaN); the message says why, in one line."""
 
 
