@@ -136,19 +136,20 @@ def _parser() -> argparse.ArgumentParser:
     model_help = ("a run directory (latest checkpoint), RUN/checkpoints/STEP, an import-hf output "
                   "or a local Hugging Face LLaMA directory")
     chat = sub.add_parser(
-        "chat", help="talk to a model in the terminal (Alpaca template, streamed tokens)",
-        description="Interactive chat: each message is answered with the Alpaca template, earlier "
-                    "turns included while they fit the context; tokens are printed as they are "
-                    "decoded. /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops "
+        "chat", help="talk to a model in the terminal (the run's chat template, streamed tokens)",
+        description="Interactive chat: each message is answered with the run's chat template "
+                    "(data.template); a conversation-trained model sees the earlier turns while "
+                    "they fit the context, an Alpaca model answers each message on its own; tokens "
+                    "are printed as they are decoded. /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops "
                     "the answer being written (not the session).")
     chat.add_argument("model", metavar="MODEL", help=model_help)
-    chat.add_argument("--system", help="replaces the Alpaca preamble ('Below is an instruction ...')")
+    chat.add_argument("--system", help="the system prompt: replaces the template's preamble ('Below is an instruction ...' for Alpaca)")
     _add_sampling_arguments(chat, temperature=0.7, top_p=0.9)
 
     respond = sub.add_parser(
         "respond", help="answer every row of an instruction file (resumable JSONL output)",
         description="Answer each Alpaca row ({instruction, input}) or Self-Instruct instance of "
-                    "INPUT with the Alpaca template. Output lines are JSON objects keyed by the "
+                    "INPUT with the run's chat template (data.template), as training rendered such rows. Output lines are JSON objects keyed by the "
                     "row's index, appended as each row finishes: rerunning after a crash answers "
                     "only the rows not yet in the output.")
     respond.add_argument("model", metavar="MODEL", help=model_help)

@@ -20,7 +20,7 @@ ONE_LINE_ERRORS = [
     ("alpaca_jax.configlib", "ConfigError"), ("alpaca_jax.data.records", "DataError"),
     ("alpaca_jax.train.loop", "TrainingError"), ("alpaca_jax.train.preemption", "Interrupted"),
     ("alpaca_jax.checkpoint", "CheckpointError"), ("alpaca_jax.hf.errors", "ConversionError"),
-    ("alpaca_jax.infer.decode", "PromptError"), ("alpaca_jax.infer.conversation", "ConversationError"),
+    ("alpaca_jax.data.prompt", "PromptError"), ("alpaca_jax.data.prompt", "PromptTooLongError"),
     ("alpaca_jax.eval.runner", "EvalError"), ("alpaca_jax.eval.judge", "JudgeError"),
     ("alpaca_jax.serve", "RequestError"), ("alpaca_jax.llm.client", "TeacherFatalError"),
     ("alpaca_jax.jsonl", "JsonlError"),

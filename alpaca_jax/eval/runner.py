@@ -55,7 +55,7 @@ def _model_answers(source: str, items: list[EvalItem], sampling, max_new_tokens:
                    with_references: bool) -> tuple[str, list[str], dict]:
     """Load a model, score the references, generate: (name, outputs, metrics)."""
     from alpaca_jax.eval.perplexity import reference_loss
-    from alpaca_jax.infer import SamplingConfig, generate, load_model  # only when a model is evaluated
+    from alpaca_jax.infer import Row, SamplingConfig, decode_rows, load_model  # only when a model is evaluated
     model = load_model(source)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens) if sampling is None else sampling
     metrics: dict = {}
@@ -63,7 +63,9 @@ def _model_answers(source: str, items: list[EvalItem], sampling, max_new_tokens:
         loss, stats = reference_loss(model, items)
         metrics = {"perplexity": loss.perplexity, "reference_loss": loss.loss,
                    "reference_tokens": loss.tokens, "reference_tokenize": stats}
-    completions = generate(model, [item.prompt for item in items], sampling, batch_size=batch_size)
+    # Prompt ids from the run's own template (data/prompt.py), every one checked before any decodes.
+    rows = [Row(model.encode_messages(item.messages), sampling) for item in items]
+    completions = decode_rows(model, rows, batch_size)
     metrics["finish_reasons"] = _count(c.finish_reason for c in completions)
     return model.name, [c.text for c in completions], metrics
 

@@ -25,6 +25,7 @@ import numpy as np
 from alpaca_jax.checkpoint import (CheckpointError, abstract_like, find_params, restore_params,
                                    save_params)
 from alpaca_jax.config import Config, ModelConfig, TokenizerConfig, save_config
+from alpaca_jax.data.tokenizer import TOKENIZER_FILES, find_tokenizer_dir
 from alpaca_jax.hf.config_json import (check_matches, hf_config_from_model, hf_dtype,
                                        model_config_from_hf, read_hf_config)
 from alpaca_jax.hf.errors import ConversionError
@@ -41,10 +42,6 @@ log = logging.getLogger("alpaca_jax")
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3  # bytes per safetensors file, as transformers 4.x did
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                 "bfloat16": SAFETENSORS_DTYPES["BF16"]}
-# What AutoTokenizer reads; copied on export/import (never the weights beside them).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                   "chat_template.jinja", "chat_template.json")
 
 
 # -- export ---------------------------------------------------------------------------------
@@ -83,7 +80,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, dtype: str | None = No
     files = write_sharded(out_dir, entries, max_shard_size)
     del params
 
-    tokenizer_dir = _tokenizer_source(saved.run_dir, saved.config)
+    tokenizer_dir = find_tokenizer_dir(saved.run_dir / "tokenizer", saved.config.tokenizer.path)
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer_dir is not None:
         ids = export_tokenizer(tokenizer_dir, out_dir, TOKENIZER_FILES, saved.config)
@@ -130,13 +127,6 @@ def _raw(x: np.ndarray) -> np.ndarray:
     """The same bytes as unsigned ints: numpy copies and transposes those with its fast loops,
     where bfloat16 (an ml_dtypes user type) goes element by element, several times slower."""
     return x.view(f"u{x.dtype.itemsize}")
-
-
-def _tokenizer_source(run_dir: Path, config: Config) -> Path | None:
-    for candidate in (run_dir / "tokenizer", config.tokenizer.path):
-        if candidate and any((Path(candidate) / f).is_file() for f in TOKENIZER_FILES):
-            return Path(candidate)
-    return None
 
 
 def generation_config(cfg: ModelConfig, ids: dict[str, int | None]) -> dict:
@@ -245,10 +235,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str | Non
 
 def pretrained_tokenizer_dir(path: str | Path) -> Path | None:
     """The tokenizer shipped with pretrained weights: a HF dir's own files, or `<dir>/tokenizer`."""
-    for candidate in (Path(path), Path(path) / "tokenizer"):
-        if any((candidate / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            return candidate
-    return None
+    return find_tokenizer_dir(Path(path), Path(path) / "tokenizer")
 
 
 def load_pretrained(path: str | Path, model_cfg: ModelConfig, shardings):

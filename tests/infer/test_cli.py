@@ -63,6 +63,12 @@ class _Reader:
         while chunk := self._pipe.read1(4096):
             self.data += chunk
 
+    def wait_for_length(self, length: int, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.data.decode("utf-8", "replace")) < length:
+            assert time.monotonic() < deadline, f"output stopped at {self.data[-500:]!r}"
+            time.sleep(0.01)
+
     def wait_for(self, text: str, start: int = 0, timeout: float = 240) -> int:
         deadline = time.monotonic() + timeout
         while (at := self.data.decode("utf-8", "replace").find(text, start)) < 0:
@@ -79,8 +85,7 @@ def test_chat_streams_and_ctrl_c_stops_the_answer_not_the_session(long_context_r
         at = out.wait_for(">>> ")
         process.stdin.write(b"Add 3 and 4.\n")
         process.stdin.flush()
-        while len(out.data.decode("utf-8", "replace")) < at + 20:  # the answer is streaming
-            time.sleep(0.01)
+        out.wait_for_length(at + 20)  # the answer is streaming
         process.send_signal(signal.SIGINT)
         at = out.wait_for("(stopped)", at)
         at = out.wait_for(">>> ", at)  # the session goes on
