@@ -296,7 +296,7 @@ def _plan(args: argparse.Namespace) -> None:
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     if args.devices is not None and args.devices <= 0:
         raise ConfigError(f"--devices must be positive, got {args.devices}")
-    from alpaca_jax.plan import format_plan, plan_memory
+    from alpaca_jax.train.plan import format_plan, plan_memory
     devices = args.devices
     if devices is None:
         sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
