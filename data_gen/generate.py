@@ -60,8 +60,8 @@ def generate(config: GenerateConfig, client: Any = None) -> dict[str, Any]:
     check_writable_dir(out, "output.dir", ConfigError)
     seeds = load_seed_tasks(config.pipeline.seed_path)
     out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / "journal.jsonl")  # a damaged journal stops the run before anything is written
     dump_yaml(config, out / "config.yaml")
-    journal = Journal(out / "journal.jsonl")
     budget = Budget(config.budget, config.teacher.model)
     try:
         teacher = Teacher(config.teacher, journal, budget, client)
