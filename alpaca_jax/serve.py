@@ -417,8 +417,9 @@ class ServerThread:
 
     def __enter__(self) -> "ServerThread":
         self._thread.start()
+        deadline = time.monotonic() + 120
         while not self._server.started:
-            if not self._thread.is_alive():
+            if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the server failed to start")
             time.sleep(0.02)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
@@ -427,7 +428,12 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self._server.should_exit = True
-        self._thread.join()
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():  # a request that never ends would hold a graceful exit forever
+            self._server.force_exit = True
+            self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            raise RuntimeError("the server thread did not stop within 60 s")
 
 
 def serve(source: str, cfg: ServeConfig = ServeConfig()) -> None:
