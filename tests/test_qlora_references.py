@@ -13,12 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from alpaca_jax.config import LoraConfig
-from alpaca_jax.model import Llama, init_params
-from alpaca_jax.model.params import init_adapters
+from alpaca_jax.model import Llama
 from alpaca_jax.model.quantize import QuantizedArray, dequantize, quantize
-from alpaca_jax.model.lora_base import prepare_base
-from helpers import tiny_model
 
 # Dettmers et al. 2023, "QLoRA", Appendix E (the NF4 data type), as bitsandbytes ships it.
 QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -64,38 +60,10 @@ def test_codes_are_the_papers_nearest_levels_within_its_error_bound(format):
     assert (np.abs(back - w) / scales).max() > 0.5 * bound  # the bound is nearly reached: not vacuous
 
 
-def test_qlora_logits_equal_lora_on_the_dequantized_base():
-    cfg = tiny_model(vocab_size=128, hidden_size=64, intermediate_size=128)
-    qlora = LoraConfig(rank=4, alpha=8, target_modules=ALL, quantize="nf4", block_size=16, base_dtype="float32")
-    lora = dataclasses.replace(qlora, quantize="none")
-    # Jitted: op by op, initialising and quantizing even this tiny model takes tens of seconds.
-    params = jax.jit(lambda key: init_params(cfg, key))(jax.random.key(0))
-    base_q = jax.jit(lambda p: prepare_base(p, cfg, qlora))(params)
-    assert any(isinstance(x, QuantizedArray) for x in jax.tree.leaves(
-        base_q, is_leaf=lambda x: isinstance(x, QuantizedArray)))
-    base_plain = jax.tree.map(lambda x: jnp.asarray(_reference_dequantize(x), jnp.float32)
-                              if isinstance(x, QuantizedArray) else x, base_q,
-                              is_leaf=lambda x: isinstance(x, QuantizedArray))
-    adapters = jax.jit(lambda key: init_adapters(cfg, qlora, key))(jax.random.key(1))
-    leaves, tree = jax.tree.flatten(adapters)  # B is zero at init: make every adapter count
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    adapters = jax.tree.unflatten(tree, [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 24))
-    positions = np.broadcast_to(np.arange(24), ids.shape)
-
-    def logits(lora_cfg, variables):
-        apply = jax.jit(Llama(cfg, lora_cfg).apply)
-        return np.asarray(apply(variables, jnp.asarray(ids), jnp.asarray(positions), jnp.ones(ids.shape, jnp.int32)))
-    quantized = logits(qlora, {"params": base_q, "lora": adapters})
-    plain = logits(lora, {"params": base_plain, "lora": adapters})
-    without = logits(None, {"params": base_plain})
-    assert np.abs(plain - without).max() > 1e-2  # the adapters matter in this comparison
-    np.testing.assert_allclose(quantized, plain, rtol=0, atol=2e-5)
-
-
-def test_export_peft_of_a_qlora_run_matches_peft_on_the_exported_base(tmp_path):
-    """`export-hf` of a QLoRA run writes its base dequantized; peft's adapter on that base gives
-    our QLoRA logits."""
+def test_qlora_run_equals_lora_on_its_dequantized_base_and_peft_on_its_export(tmp_path):
+    """A QLoRA run's logits equal (1) plain LoRA on the same weights dequantized by the paper's
+    rule, and (2) `peft` with its `export-peft` adapter on its `export-hf` base (written
+    dequantized)."""
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -119,6 +87,13 @@ def test_export_peft_of_a_qlora_run_matches_peft_on_the_exported_base(tmp_path):
     ours = np.asarray(jax.jit(Llama(cfg.model, cfg.lora).apply)(
         {"params": result.base, "lora": result.state.params}, jnp.asarray(ids), jnp.asarray(positions),
         jnp.ones(ids.shape, jnp.int32)))
+    base_plain = jax.tree.map(lambda x: jnp.asarray(_reference_dequantize(x), jnp.float32)
+                              if isinstance(x, QuantizedArray) else x, result.base,
+                              is_leaf=lambda x: isinstance(x, QuantizedArray))
+    plain = np.asarray(jax.jit(Llama(cfg.model, dataclasses.replace(cfg.lora, quantize="none")).apply)(
+        {"params": base_plain, "lora": result.state.params}, jnp.asarray(ids), jnp.asarray(positions),
+        jnp.ones(ids.shape, jnp.int32)))
+    np.testing.assert_allclose(ours, plain, rtol=0, atol=2e-5)
     adapter_dir = hf.export_peft(result.run_dir, tmp_path / "adapter")
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 4
     base = LlamaForCausalLM.from_pretrained(hf.export_hf(result.run_dir, tmp_path / "base"),

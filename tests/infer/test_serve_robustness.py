@@ -84,11 +84,11 @@ def test_a_disconnected_non_streaming_request_is_freed(tiny_model_loaded, monkey
         connection.sock.close()  # hang up before the answer
         connection.close()
         deadline = time.monotonic() + 20
-        while app.state.engine.dropped < 1 and time.monotonic() < deadline:
+        while getattr(app.state.engine, "dropped", 0) < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.2)
+        assert len(steps) < 100  # freed long before the 120-token cap (before: decoded to the cap)
         assert app.state.engine.dropped == 1
-        assert len(steps) < 100 and steps[-1] in (0, 1)  # freed long before the 120-token cap
 
 
 class _NoEos(LoadedModel):
