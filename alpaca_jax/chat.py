@@ -1,9 +1,11 @@
 """`alpaca-jax chat`: talk to a model in the terminal, tokens printed as they are decoded.
 
-Each turn is rendered with the run's chat template (`infer.conversation`; Alpaca unless it
-trained with another), earlier turns included
-while they fit the context (the oldest are dropped first). `/reset` starts over, `/exit` or
-end of input quits, and Ctrl-C stops the answer being written, not the session.
+Each turn becomes prompt ids through the prompt owner (`data/prompt.py`: the run's chat
+template, as training rendered it). A model trained on conversations (vicuna_v1.1, koala,
+tokenizer) sees the earlier turns while they fit the context (the oldest are dropped first); an
+Alpaca model was trained on single instructions, so each message is answered on its own.
+`/reset` starts over, `/exit` or end of input quits, and Ctrl-C stops the answer being
+written, not the session.
 """
 
 from __future__ import annotations
@@ -14,24 +16,24 @@ import sys
 import threading
 from typing import TextIO
 
+from alpaca_jax.data.prompt import PromptTooLongError
 from alpaca_jax.infer import LoadedModel, Row, SamplingConfig, decode_rows
-from alpaca_jax.infer.conversation import conversation_prompt
 
 HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."
 
 
 def _fitting_prompt(model: LoadedModel, history: list[dict], question: str, system: str | None):
     """Prompt ids for the question after as much recent history as fits (None if it never fits)."""
-    turns = list(history)
+    turns = list(history) if model.multi_turn else []
     while True:
         messages = [{"role": "system", "content": system}] if system is not None else []
         messages += [*turns, {"role": "user", "content": question}]
-        ids = model.encode(conversation_prompt(messages, model.template, model.tokenizer))
-        if len(ids) < model.max_len:
-            return ids
-        if not turns:
-            return None
-        turns = turns[2:]  # drop the oldest question and its answer
+        try:
+            return model.encode_messages(messages)
+        except PromptTooLongError:
+            if not turns:
+                return None
+            turns = turns[2:]  # drop the oldest question and its answer
 
 
 def chat(model: LoadedModel, sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9),
@@ -42,6 +44,9 @@ def chat(model: LoadedModel, sampling: SamplingConfig = SamplingConfig(temperatu
         # background job of a non-interactive shell inherits SIG_IGN, and Python keeps it).
         signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"Chatting with {model.name}. {HELP}", file=stdout, flush=True)
+    if not model.multi_turn:
+        print(f"(trained on single {model.template} prompts: each message is answered on its own)",
+              file=stdout, flush=True)
     history: list[dict] = []
     turn = 0
     while True:

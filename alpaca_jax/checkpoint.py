@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from alpaca_jax.config import CheckpointConfig, Config, load_config
+from alpaca_jax.errors import UserError
+from alpaca_jax.jsonl import read_jsonl
 
 
 CHECKPOINT_DIR = "checkpoints"   # inside a run directory
@@ -35,7 +37,7 @@ STATE_ITEM = "state"             # the rest of the TrainState
 META_ITEM = "meta"               # JSON: data iterator position, counters
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be found, does not fit the model, or could not be written; the message
     says which, in one line."""
 
@@ -184,17 +186,9 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    # A line cut short by the kill is not JSON; anything after it was never written.
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break
-        if record["step"] > step:
-            break
-        kept.append(line if line.endswith("\n") else line + "\n")
+    # A line cut short by the kill is dropped; a bad line before the last is an error.
+    kept = [json.dumps(record) + "\n" for _, record in read_jsonl(path, error=CheckpointError)
+            if record["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, path)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from alpaca_jax.configlib import ConfigError
+from alpaca_jax.errors import UserError
 
 EPILOG = """\
 examples:
@@ -171,19 +172,20 @@ def _parser() -> argparse.ArgumentParser:
     model_help = ("a run directory (latest checkpoint), RUN/checkpoints/STEP, an import-hf output "
                   "or a local Hugging Face LLaMA directory")
     chat = sub.add_parser(
-        "chat", help="talk to a model in the terminal (Alpaca template, streamed tokens)",
-        description="Interactive chat: each message is answered with the Alpaca template, earlier "
-                    "turns included while they fit the context; tokens are printed as they are "
-                    "decoded. /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops "
+        "chat", help="talk to a model in the terminal (the run's chat template, streamed tokens)",
+        description="Interactive chat: each message is answered with the run's chat template "
+                    "(data.template); a conversation-trained model sees the earlier turns while "
+                    "they fit the context, an Alpaca model answers each message on its own; tokens "
+                    "are printed as they are decoded. /reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops "
                     "the answer being written (not the session).")
     chat.add_argument("model", metavar="MODEL", help=model_help)
-    chat.add_argument("--system", help="replaces the Alpaca preamble ('Below is an instruction ...')")
+    chat.add_argument("--system", help="the system prompt: replaces the template's preamble ('Below is an instruction ...' for Alpaca)")
     _add_sampling_arguments(chat, temperature=0.7, top_p=0.9)
 
     respond = sub.add_parser(
         "respond", help="answer every row of an instruction file (resumable JSONL output)",
         description="Answer each Alpaca row ({instruction, input}) or Self-Instruct instance of "
-                    "INPUT with the Alpaca template. Output lines are JSON objects keyed by the "
+                    "INPUT with the run's chat template (data.template), as training rendered such rows. Output lines are JSON objects keyed by the "
                     "row's index, appended as each row finishes: rerunning after a crash answers "
                     "only the rows not yet in the output.")
     respond.add_argument("model", metavar="MODEL", help=model_help)
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except _user_errors() as e:
+    except UserError as e:  # bad config, data, disk or request: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         code = getattr(e, "exit_code", 2)  # 2 for bad input; 128+signal for an interrupted run
         if is_process and getattr(e, "abandon_threads", False):
@@ -387,7 +389,7 @@ def _plan(args: argparse.Namespace) -> None:
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     if args.devices is not None and args.devices <= 0:
         raise ConfigError(f"--devices must be positive, got {args.devices}")
-    from alpaca_jax.plan import format_plan, plan_memory
+    from alpaca_jax.train.plan import format_plan, plan_memory
     devices = args.devices
     if devices is None:
         sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -417,23 +419,6 @@ def _eval(args: argparse.Namespace) -> None:
                        tasks=tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
                        apply_chat_template=args.apply_chat_template, safety=args.safety is not None)
     print(markdown_table(results), end="")
-
-
-# Errors caused by the user's config, data or disk, by module: reported in one line, no traceback.
-USER_ERRORS = {"alpaca_jax.configlib": "ConfigError", "alpaca_jax.data.records": "DataError",
-               "alpaca_jax.train.loop": "TrainingError", "alpaca_jax.train.preemption": "Interrupted",
-               "alpaca_jax.checkpoint": "CheckpointError", "alpaca_jax.hf.errors": "ConversionError",
-               "alpaca_jax.infer.decode": "PromptError", "alpaca_jax.infer.conversation": "ConversationError",
-               "alpaca_jax.eval.runner": "EvalError", "alpaca_jax.eval.judge": "JudgeError",
-               "alpaca_jax.eval.tasks": "TaskError",
-               "alpaca_jax.recipe.stages": "RecipeError"}
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The user-error classes of the modules loaded so far. A module never imported cannot have
-    raised, and importing it here would cost seconds (JAX) on the errors that must be fast."""
-    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items()
-                 if module in sys.modules)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from alpaca_jax.errors import UserError
 from alpaca_jax.files import read_utf8
 
 __all__ = ["ConfigError", "build", "load_yaml", "parse_overrides", "apply_overrides",
@@ -31,7 +32,7 @@ __all__ = ["ConfigError", "build", "load_yaml", "parse_overrides", "apply_overri
            "parse_bytes"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config: the message is a single line that names the key or file."""
 
 

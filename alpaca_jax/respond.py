@@ -1,7 +1,8 @@
 """`alpaca-jax respond`: answer every row of an instruction file, resumably.
 
 Input: Alpaca rows (`{instruction, input[, output]}`, JSON array or JSONL) or Self-Instruct
-tasks (`{instruction, instances: [{input, output}]}`, one row per instance). Output: JSONL, one
+tasks (`{instruction, instances: [{input, output}]}`, one row per instance), each prompted with
+the run's chat template as training rendered such a row (data/prompt.py). Output: JSONL, one
 line per answered row, keyed by the row's index, appended and flushed as each row finishes
 decoding (rows decode in a continuous batch, so a long answer does not hold back the short ones
 beside it). A rerun after a crash (even SIGKILL mid-write) drops a torn last line, skips the
@@ -16,9 +17,10 @@ import os
 import time
 from pathlib import Path
 
+from alpaca_jax.data.prompt import PromptTooLongError, alpaca_messages
 from alpaca_jax.data.records import DataError, read_records, resolve_data_path
-from alpaca_jax.data.templates import alpaca_prompt
 from alpaca_jax.infer import Row, SamplingConfig, load_model, stream_rows
+from alpaca_jax.jsonl import read_jsonl
 
 log = logging.getLogger("alpaca_jax")
 FSYNC_EVERY_S = 1.0  # how often answers are forced to disk (a killed process loses nothing flushed)
@@ -26,25 +28,25 @@ FSYNC_EVERY_S = 1.0  # how often answers are forced to disk (a killed process lo
 
 def _answered(output: Path, rows: list[dict[str, str]]) -> set[int]:
     """Indices already in `output`; a torn last line (killed mid-write) is cut off first."""
-    if not output.is_file():
-        return set()
-    data = output.read_bytes()
-    keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial line
-    if keep < len(data):
-        with open(output, "r+b") as f:
-            f.truncate(keep)
     done: set[int] = set()
-    for line_no, line in enumerate(data[:keep].decode("utf-8").splitlines(), start=1):
+    for line_no, record in read_jsonl(output, repair=True, error=DataError):
         try:
-            record = json.loads(line)
             index = record["index"]
-        except (ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             raise DataError(f"{output}:{line_no}: not a line written by respond") from None
         if not (isinstance(index, int) and 0 <= index < len(rows)) or record.get("instruction") != rows[index]["instruction"]:
             raise DataError(f"{output}:{line_no}: row {index} does not match the input file "
                             f"(answers of another input? choose a new --output)")
         done.add(index)
     return done
+
+
+def _prompt_ids(model, row: dict[str, str]) -> list[int] | None:
+    """The row's prompt ids as training rendered such a row; None when they fill the context."""
+    try:
+        return model.encode_messages(alpaca_messages(row["instruction"], row["input"]))
+    except PromptTooLongError:
+        return None
 
 
 def _record(index: int, row: dict[str, str], completion) -> dict:
@@ -69,9 +71,9 @@ def respond(source: str | Path, input_path: str | Path, output_path: str | Path,
         log.info("respond: all %d rows of %s are already in %s", len(rows), input_path, output)
         return 0
     model = load_model(source)
-    # Tokenized once: the length check and the decoding share the ids.
-    ids = {i: model.encode(alpaca_prompt(rows[i]["instruction"], rows[i]["input"])) for i in todo}
-    fits = {i: len(ids[i]) < model.max_len for i in todo}
+    # Tokenized once, through the prompt owner (the run's template, checked against the context).
+    ids = {i: _prompt_ids(model, rows[i]) for i in todo}
+    fits = {i: ids[i] is not None for i in todo}
     output.parent.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
     with open(output, "a", encoding="utf-8") as out, \

@@ -1,11 +1,13 @@
 """An OpenAI-compatible HTTP server over `alpaca_jax.infer` (Starlette + Uvicorn).
 
 Endpoints: `GET /` (the chat page, alpaca_jax/web/chat.html; off with `ui=False`),
-`GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, with
+`GET /health` (503 once the decode engine has failed), `GET /v1/models`,
+`POST /v1/completions`, `POST /v1/chat/completions`, with
 `stream=true` (server-sent events as the `openai` client reads them), `n`, `stop`,
 `max_tokens`, `temperature`, `top_p`, `seed` and `usage`. Requests are decoded by one
-`BatchingEngine`: concurrent requests share decode steps. Chat messages are rendered with the
-run's chat template (`infer.conversation`; Alpaca unless it trained with another).
+`BatchingEngine`: concurrent requests share decode steps. Chat messages become prompt ids
+through the prompt owner (`data/prompt.py`): the run's chat template, as training rendered it;
+a conversation of several exchanges sent to a single-turn (Alpaca) model is a 400.
 
 Bad requests get a 400 with an OpenAI-style body `{"error": {"message", "type", "param",
 "code"}}`. Fields the server does not implement but clients commonly send (presence and
@@ -31,13 +33,14 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from alpaca_jax.configlib import ConfigError
-from alpaca_jax.infer import LoadedModel, PromptError, PromptTooLongError, Row, SamplingConfig, encode_prompt
-from alpaca_jax.infer.batcher import BatchingEngine
-from alpaca_jax.infer.conversation import ConversationError, conversation_prompt
+from alpaca_jax.errors import UserError
+from alpaca_jax.data.prompt import PromptError, PromptTooLongError, check_fits
+from alpaca_jax.infer import LoadedModel, Row, SamplingConfig
+from alpaca_jax.infer.batcher import BatchingEngine, EngineFailed
 
 log = logging.getLogger("alpaca_jax")
 
@@ -60,7 +63,7 @@ class ServeConfig:
     ui: bool = True                    # serve the chat page at `/` (`--no-ui` turns it off)
 
 
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     """A request the server refuses; becomes a 400 (or `status`) with an OpenAI error body."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
@@ -154,8 +157,7 @@ class _Server:
     async def _handle(self, request: Request, chat: bool):
         try:
             body = await _json_body(request)
-            prompt = self._prompt(body, chat)
-            prompt_ids = await asyncio.to_thread(encode_prompt, self.model, prompt)
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, body, chat)
             remaining = self.model.max_len - len(prompt_ids)
             # OpenAI's defaults: 16 tokens for completions, as many as fit for chat.
             samplings, stream = _sampling(body, remaining if chat else 16, remaining)
@@ -169,17 +171,37 @@ class _Server:
         if stream:
             return StreamingResponse(self._stream(reply, prompt_ids, samplings, include_usage),
                                      media_type="text/event-stream")
+        if not self.engine.healthy:
+            return _unhealthy(self.engine)
         futures = [asyncio.wrap_future(self.engine.submit(Row(prompt_ids, s))) for s in samplings]
-        completions = await asyncio.gather(*futures)
+        answers = asyncio.gather(*futures)
+        hangup = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({answers, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        if not answers.done():  # the client left: cancelling the futures frees the rows' slots
+            answers.cancel()
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+        hangup.cancel()
+        try:
+            completions = answers.result()
+        except EngineFailed:
+            return _unhealthy(self.engine)
         return JSONResponse(reply.whole(completions))
 
-    def _prompt(self, body: dict, chat: bool) -> str:
+    async def health(self, request: Request) -> JSONResponse:
+        """200 while the decode engine runs; 503 (with the reason) once it has failed."""
+        if not self.engine.healthy:
+            return _unhealthy(self.engine)
+        return JSONResponse({"status": "ok"})
+
+    def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
+        """The request's prompt ids: a chat through the prompt owner (the run's template, as
+        training rendered it), a raw completion prompt as given (BOS as in training)."""
         model = _field(body, "model", (str,))
         if model is None:
             raise RequestError("'model' is required", param="model", code="missing_required_parameter")
-        if model != self.name:
-            raise RequestError(f"the model '{model}' does not exist; this server serves '{self.name}'",
-                               param="model", code="model_not_found")
+        if model != self.name:  # OpenAI answers an unknown model with a 404 `model_not_found`
+            raise RequestError(f"The model `{model}` does not exist; this server serves '{self.name}'",
+                               param="model", code="model_not_found", status=404)
         if not chat:
             prompt = _field(body, "prompt", (str, list))
             if isinstance(prompt, list):
@@ -189,15 +211,14 @@ class _Server:
                 prompt = prompt[0]
             if prompt is None:
                 raise RequestError("'prompt' is required", param="prompt", code="missing_required_parameter")
-            return prompt
+            ids = self.model.encode(prompt)
+            check_fits(ids, self.model.max_len)
+            return ids
         messages = _field(body, "messages", (list,))
         if not messages or any(not isinstance(m, dict) or not isinstance(m.get("content"), str) for m in messages):
             raise RequestError("'messages' must be a non-empty array of {role, content} objects with "
                                "string content", param="messages")
-        try:
-            return conversation_prompt(messages, self.model.template, self.model.tokenizer)
-        except ConversationError as e:
-            raise RequestError(str(e), param="messages") from None
+        return self.model.encode_messages(messages)
 
     async def _stream(self, reply: "_Reply", prompt_ids: list[int], samplings: list[SamplingConfig],
                       include_usage: bool):
@@ -211,8 +232,12 @@ class _Server:
                 return not gone.is_set()
             return on_text
 
-        futures = [asyncio.wrap_future(self.engine.submit(Row(prompt_ids, s, listener(i))))
-                   for i, s in enumerate(samplings)]
+        try:
+            futures = [asyncio.wrap_future(self.engine.submit(Row(prompt_ids, s, listener(i))))
+                       for i, s in enumerate(samplings)]
+        except EngineFailed as e:
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': 'engine_failed'}})}\n\n"
+            return
         for i, future in enumerate(futures):
             # The end of row i, queued behind its text: the engine hands over every piece
             # (call_soon_threadsafe) before it resolves the row's future.
@@ -238,6 +263,10 @@ class _Server:
                 for index, text in texts.items():
                     yield reply.chunk(index, text, None)
                 for i in ended:
+                    if futures[i].exception() is not None:  # the engine failed mid-stream
+                        error = {"message": str(futures[i].exception()), "type": "server_error"}
+                        yield f"data: {json.dumps({'error': error})}\n\n"
+                        return
                     finished[i] = futures[i].result()
                     open_rows.discard(i)
                     yield reply.chunk(i, "", finished[i].finish_reason)
@@ -246,6 +275,20 @@ class _Server:
             yield "data: [DONE]\n\n"
         finally:
             gone.set()
+            for future in futures:
+                future.cancel()  # rows still decoding for a client that left are dropped
+
+
+def _unhealthy(engine: BatchingEngine) -> JSONResponse:
+    return _error_response(engine.error or "the decode engine is not running", 503, kind="server_error",
+                           code="engine_failed")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body has been read: the next ASGI message is the
+    disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _json_body(request: Request) -> dict:
@@ -358,7 +401,8 @@ def make_app(model: LoadedModel, cfg: ServeConfig = ServeConfig(), engine: Batch
         yield
         await asyncio.to_thread(engine.close)
 
-    routes = [Route("/v1/models", server.models, methods=["GET"]),
+    routes = [Route("/health", server.health, methods=["GET"]),
+              Route("/v1/models", server.models, methods=["GET"]),
               Route("/v1/completions", server.completions, methods=["POST"]),
               Route("/v1/chat/completions", server.chat_completions, methods=["POST"])]
     if cfg.ui:
@@ -397,8 +441,9 @@ class ServerThread:
 
     def __enter__(self) -> "ServerThread":
         self._thread.start()
+        deadline = time.monotonic() + 120
         while not self._server.started:
-            if not self._thread.is_alive():
+            if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the server failed to start")
             time.sleep(0.02)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
@@ -407,7 +452,12 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self._server.should_exit = True
-        self._thread.join()
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():  # a request that never ends would hold a graceful exit forever
+            self._server.force_exit = True
+            self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            raise RuntimeError("the server thread did not stop within 60 s")
 
 
 def serve(source: str, cfg: ServeConfig = ServeConfig()) -> None:

@@ -10,7 +10,7 @@ master weights, AdamW and global-norm clipping on both sides:
 
 For each it reports tokens/s (median step after compile), MFU against the device's published
 dense bf16 peak (table below), peak device memory (`memory_stats`) beside the planner's
-per-device bytes (`alpaca_jax.plan`), the attention implementation `model.attention=auto`
+per-device bytes (`alpaca_jax.train.plan`), the attention implementation `model.attention=auto`
 chose and the loss (plain or chunked), and an attention-only timing of every implementation
 this platform can run (how `auto`'s choice can be checked). Each framework and shape runs in
 its own subprocess, so peak memory is per run and JAX's allocator never meets PyTorch's.
@@ -175,7 +175,7 @@ def jax_worker(shape: dict, steps: int, attention_timings: bool = True) -> dict:
     from alpaca_jax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
     from alpaca_jax.model import Llama, init_params, logical_axes
     from alpaca_jax.model.attention import AttentionShape, select_attention
-    from alpaca_jax.plan import plan_memory
+    from alpaca_jax.train.plan import plan_memory
     from alpaca_jax.train.loss import run_loss_chunk
     from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
     from alpaca_jax.train.state import fresh_train_state

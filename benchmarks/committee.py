@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 from data_gen.batch import ingest_lines  # noqa: E402
 from data_gen.committee import Committee  # noqa: E402
 from data_gen.config import GenerateConfig, MemberConfig  # noqa: E402
-from data_gen.journal import Journal  # noqa: E402
-from data_gen.teacher import Request  # noqa: E402
+from alpaca_jax.llm.journal import Journal  # noqa: E402
+from alpaca_jax.llm.client import Request  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("_bench_fake", REPO / "tests" / "data_gen" / "fake_openai.py")
 fake_openai = importlib.util.module_from_spec(_spec)

@@ -126,7 +126,7 @@ def main() -> None:
     from alpaca_jax.data import tokenize_dataset
     from alpaca_jax.eval import load_eval_file
     from alpaca_jax.eval.perplexity import reference_loss
-    from alpaca_jax.infer import SamplingConfig, generate, load_model
+    from alpaca_jax.infer import Row, SamplingConfig, decode_rows, load_model
 
     rows = json.loads((data_dir / "alpaca_en_demo.json").read_text())
     instructions = load_eval_file(data_dir / "user_oriented_instructions.jsonl")
@@ -162,11 +162,11 @@ def main() -> None:
                                "speedup_warm": hf_s / warm_s, "speedup_cold": hf_s / cold_s}
         print(json.dumps(result["eval_loss"], indent=1), flush=True)
 
-        prompts = [i.prompt for i in instructions]
+        prompt_ids = [ours.encode_messages(i.messages) for i in instructions]
         sampling = SamplingConfig(max_new_tokens=max_new)
-        ours_out, gen_cold_s = _timed(lambda: generate(ours, prompts, sampling, batch_size=16))
-        ours_out, gen_warm_s = _timed(lambda: generate(ours, prompts, sampling, batch_size=16))
-        prompt_ids = [ours.encode(p) for p in prompts]
+        rows = [Row(ids, sampling) for ids in prompt_ids]
+        ours_out, gen_cold_s = _timed(lambda: decode_rows(ours, rows, 16))
+        ours_out, gen_warm_s = _timed(lambda: decode_rows(ours, rows, 16))
         hf_out, hf_gen_s = _timed(lambda: _hf_generate(hf, prompt_ids, max_new, ours.tokenizer.pad_token_id,
                                                        ours.eos_id))
         ours_tokens = sum(len(c.token_ids) for c in ours_out)

@@ -7,7 +7,7 @@ the library's own functions (the adapters' train state, the frozen base, `train_
   contention from other processes hits all three alike), compile excluded;
 - peak memory, measured: XLA's buffer assignment for the compiled step (arguments + outputs +
   temporaries - donated aliases), plus on a GPU the allocator's `peak_bytes_in_use` after the
-  timed steps; beside it the planner's prediction (`alpaca_jax.plan.plan_memory(...).total`);
+  timed steps; beside it the planner's prediction (`alpaca_jax.train.plan.plan_memory(...).total`);
 - the planner's per-device figures for LLaMA-7B (configs/alpaca_7b.yaml, alpaca_lora_7b.yaml,
   qlora_7b.yaml) on one 24 GB GPU and on one 80 GB GPU, and the issue's two targets: LoRA's
   trainable state (adapters + gradients + Adam) under 2% of full fine-tuning's, and QLoRA's
@@ -36,7 +36,7 @@ import numpy as np
 from alpaca_jax import sharding
 from alpaca_jax.config import config_from_dict, load_config
 from alpaca_jax.model import Llama
-from alpaca_jax.plan import parse_bytes, plan_memory
+from alpaca_jax.train.plan import parse_bytes, plan_memory
 from alpaca_jax.train import adapters
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.state import create_train_state, fresh_train_state, state_shardings

@@ -4,11 +4,11 @@ Stands alone: it never imports alpaca_jax model or training code (only the gener
 library `alpaca_jax.configlib`).
 """
 
+from alpaca_jax.llm.rouge import lcs_length, rouge_l_fmeasure, rouge_tokenize, unicode_tokenize
 from data_gen.config import GenerateConfig, load_config
 from data_gen.curate import curate_file
 from data_gen.dedup import RougeDeduplicator, dedup_file, deduplicate
 from data_gen.generate import generate
-from data_gen.rouge import lcs_length, rouge_l_fmeasure, rouge_tokenize, unicode_tokenize
 
 __all__ = ["GenerateConfig", "load_config", "generate", "curate_file", "RougeDeduplicator", "deduplicate",
            "dedup_file", "rouge_tokenize", "unicode_tokenize", "lcs_length", "rouge_l_fmeasure"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
+from alpaca_jax.llm.client import Request, Response, Teacher
 from data_gen.committee import row_provenance
 from data_gen.config import GenerateConfig
 from data_gen.filters import instance_drop_reason
@@ -23,7 +24,6 @@ from data_gen.gate import InstructionGate
 from data_gen.prompts import Parsed, SeedTask, encode_alpaca_prompt, parse_alpaca_response
 from data_gen.report import Report
 from data_gen.rounds import Answer, Rounds, RunStopped
-from data_gen.teacher import Request, Response, Teacher
 
 __all__ = ["run_alpaca"]
 

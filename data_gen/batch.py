@@ -39,10 +39,10 @@ import openai
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from data_gen.budget import Budget
+from alpaca_jax.llm.budget import Budget
 from data_gen.config import BatchConfig, TeacherConfig
-from data_gen.journal import Journal
-from data_gen.teacher import Request, Response, Teacher, TeacherFatalError, parse_completion, request_id
+from alpaca_jax.llm.journal import Journal
+from alpaca_jax.llm.client import Request, Response, Teacher, TeacherFatalError, parse_completion, request_id
 
 __all__ = ["BatchTeacher", "BATCH_JOURNAL", "batch_lines", "ingest_lines"]
 

@@ -11,6 +11,7 @@ import json
 import sys
 
 from alpaca_jax.configlib import ConfigError
+from alpaca_jax.errors import UserError
 
 __all__ = ["main", "EXIT_CODES"]
 
@@ -102,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> int:
     from data_gen.config import load_config
     from data_gen.generate import generate
-    from data_gen.teacher import TeacherFatalError
+    from alpaca_jax.llm.client import TeacherFatalError
 
     config = load_config(args.config, args.overrides)
     try:
@@ -154,7 +155,7 @@ def _curate(args: argparse.Namespace) -> int:
     from data_gen.config import load_curate_config
     from data_gen.curate import curate_file
     from data_gen.generate import bar_factory
-    from data_gen.teacher import TeacherFatalError
+    from alpaca_jax.llm.client import TeacherFatalError
 
     if not 1.0 <= args.min_score <= 5.0:
         raise ConfigError(f"--min-score must be in [1, 5], got {args.min_score}")
@@ -196,6 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.handler(args)
-    except ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -44,11 +44,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from typing import Any, Callable
 
-from data_gen.budget import Budget
+from alpaca_jax.llm.budget import Budget
 from data_gen.config import BudgetConfig, GenerateConfig, MemberConfig
-from data_gen.journal import Journal
+from alpaca_jax.llm.journal import Journal
 from data_gen.judging import best_of_prompt, parse_best
-from data_gen.teacher import Request, Response, Teacher, TeacherFatalError, TeacherStats, request_id
+from alpaca_jax.llm.client import Request, Response, Teacher, TeacherFatalError, TeacherStats, request_id
 
 __all__ = ["Committee", "CommitteeBudget", "plan_index", "stage_of", "row_provenance", "unit_interval"]
 

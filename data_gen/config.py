@@ -4,7 +4,7 @@
 validates everything through `alpaca_jax.configlib` (the generic config library; no model code).
 The example files live in `alpaca_jax/configs/generate/`; every key is documented there.
 
-Not here: what the values do (teacher.py, filters.py, the pipelines).
+Not here: what the values do (alpaca_jax/llm/client.py, filters.py, the pipelines).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 from alpaca_jax.configlib import ConfigError, apply_overrides, build, load_yaml
+from alpaca_jax.llm.config import BudgetConfig, ModelPrice, RequestSampling, TeacherConfig
 
-__all__ = ["TeacherConfig", "SamplingConfig", "InstanceSampling", "StageSampling", "PipelineConfig",
+__all__ = ["TeacherConfig", "RequestSampling", "InstanceSampling", "StageSampling", "PipelineConfig",
            "FilterConfig", "DedupConfig", "ModelPrice", "BudgetConfig", "OutputConfig",
            "GenerateConfig", "MemberConfig", "CommitteeConfig", "BatchConfig", "CurationConfig",
            "CurateConfig", "STAGES", "load_config", "load_curate_config", "DEFAULT_SEED_TASKS", "DEFAULT_INSTANCE_DEMOS"]
@@ -34,57 +35,12 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-@dataclass(frozen=True)
-class TeacherConfig:
-    model: str = "gpt-3.5-turbo-instruct"
-    api: Literal["chat", "completions"] = "completions"
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout_s: float = 120.0
-    max_concurrency: int = 8
-    max_retries: int = 8
-    # A refused connection or an unknown host before the teacher has answered once in this run
-    # is most likely a wrong URL or a server that is down: retry it only this often, so a dead
-    # endpoint ends the run in seconds. Once the teacher has answered, max_retries applies.
-    max_connect_retries: int = 2
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
-    # online: one HTTP request per prompt; batch: each round goes through the Batch API (batch.py)
-    mode: Literal["online", "batch"] = "online"
-
-    def __post_init__(self):
-        _require(self.max_concurrency >= 1, "teacher.max_concurrency must be >= 1")
-        _require(self.max_retries >= 0, "teacher.max_retries must be >= 0")
-        _require(self.max_connect_retries >= 0, "teacher.max_connect_retries must be >= 0")
-        _require(self.timeout_s > 0, "teacher.timeout_s must be > 0")
-        _require(0 < self.backoff_initial_s <= self.backoff_max_s,
-                 "teacher.backoff_initial_s must be > 0 and <= teacher.backoff_max_s")
-
-
 # Each stage of a pipeline samples with its own block, so a penalty chosen for diverse
 # instructions (stage 1) never leaks into the greedy classification and instance requests.
 # Defaults are Self-Instruct's released settings; the original's top_p=0 beside temperature 0 is
 # written as 1.0 here: greedy either way, and vLLM rejects top_p=0.
 @dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 3072
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-
-    def check(self, name: str) -> None:
-        _require(self.temperature >= 0, f"sampling.{name}.temperature must be >= 0")
-        _require(0 < self.top_p <= 1, f"sampling.{name}.top_p must be in (0, 1]")
-        _require(self.max_tokens >= 1, f"sampling.{name}.max_tokens must be >= 1")
-
-    def params(self) -> dict[str, float | int]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
-                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
-
-
-@dataclass(frozen=True)
-class InstanceSampling(SamplingConfig):
+class InstanceSampling(RequestSampling):
     temperature: float = 0.0
     max_tokens: int = 350
     presence_penalty: float = 1.5
@@ -98,9 +54,9 @@ class InstanceSampling(SamplingConfig):
 
 @dataclass(frozen=True)
 class StageSampling:
-    instructions: SamplingConfig = field(default_factory=SamplingConfig)
-    classification: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=3))
+    instructions: RequestSampling = field(default_factory=RequestSampling)
+    classification: RequestSampling = field(
+        default_factory=lambda: RequestSampling(temperature=0.0, max_tokens=3))
     instances: InstanceSampling = field(default_factory=InstanceSampling)
 
     def __post_init__(self):
@@ -173,27 +129,6 @@ class DedupConfig:
 
     def __post_init__(self):
         _require(0.0 <= self.threshold <= 1.0, "dedup.threshold must be in [0, 1]")
-
-
-@dataclass(frozen=True)
-class ModelPrice:
-    prompt_per_million: float = 0.0
-    completion_per_million: float = 0.0
-
-
-@dataclass(frozen=True)
-class BudgetConfig:
-    max_tokens: int | None = None
-    max_cost_usd: float | None = None
-    max_requests: int | None = None       # completed (paid) requests, garbage included; None = no cap
-    prices: dict[str, ModelPrice] = field(default_factory=dict)
-
-    def __post_init__(self):
-        _require(self.max_requests is None or self.max_requests > 0,
-                 "budget.max_requests must be > 0 or null")
-        _require(self.max_tokens is None or self.max_tokens > 0, "budget.max_tokens must be > 0 or null")
-        _require(self.max_cost_usd is None or self.max_cost_usd > 0,
-                 "budget.max_cost_usd must be > 0 or null")
 
 
 @dataclass(frozen=True)
@@ -277,16 +212,16 @@ class CurationConfig:
         _require(1.0 <= self.min_score <= 5.0, "curation.min_score must be in [1, 5]")
         _require(self.max_tokens >= 1, "curation.max_tokens must be >= 1")
 
-    def sampling(self) -> "SamplingConfig":
+    def sampling(self) -> "RequestSampling":
         """Greedy: the same row gets the same score on every run."""
-        return SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=self.max_tokens)
+        return RequestSampling(temperature=0.0, top_p=1.0, max_tokens=self.max_tokens)
 
 
 @dataclass(frozen=True)
 class CurateConfig:
     """`curate --judge CONFIG`: the judge that scores rows, its sampling and its budget."""
     judge: TeacherConfig = field(default_factory=lambda: TeacherConfig(model="gpt-4o-mini", api="chat"))
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=256))
+    sampling: RequestSampling = field(default_factory=lambda: RequestSampling(temperature=0.0, max_tokens=256))
     budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self):

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from data_gen.budget import Budget
-from data_gen.config import CurateConfig, SamplingConfig
-from data_gen.journal import Journal
+from alpaca_jax.llm.budget import Budget
+from alpaca_jax.llm.config import RequestSampling
+from data_gen.config import CurateConfig
+from alpaca_jax.llm.journal import Journal
 from data_gen.judging import SCORE_MAX, SCORE_MIN, parse_score, rating_prompt
 from data_gen.report import write_json_atomic
-from data_gen.teacher import Request, Teacher
+from alpaca_jax.llm.client import Request, Teacher
 
 __all__ = ["Curation", "curate_rows", "curate_file", "read_rows", "rating_requests", "curation_paths",
            "write_curation"]
@@ -62,13 +63,13 @@ class Curation:
                 "failed": self.failed, "not_sent": self.not_sent, "histogram": self.histogram()}
 
 
-def rating_requests(rows: list[dict[str, Any]], sampling: SamplingConfig) -> list[Request]:
+def rating_requests(rows: list[dict[str, Any]], sampling: RequestSampling) -> list[Request]:
     return [Request.build(f"curate/{i}", rating_prompt(row["instruction"], row.get("input") or "", row["output"]),
                           sampling.params(), stop=[])
             for i, row in enumerate(rows)]
 
 
-def curate_rows(rows: list[dict[str, Any]], teacher: Any, sampling: SamplingConfig, min_score: float,
+def curate_rows(rows: list[dict[str, Any]], teacher: Any, sampling: RequestSampling, min_score: float,
                 on_done: Callable[[], None] | None = None) -> Curation:
     """Rate every row through `teacher` (a Teacher or a Committee); the rows to keep."""
     requests = rating_requests(rows, sampling)

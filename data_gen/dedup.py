@@ -26,7 +26,7 @@ grows. Any fixed order is correct; frequency only makes it fast.
 `max_similarity` is the exact maximum F-measure against the whole pool (vectorised over the
 pool with numpy), for the similarity histogram in the generator's report.
 
-Not here: tokenization and the F-measure itself (`rouge.py`), reading files (`dedup_file`).
+Not here: tokenization and the F-measure itself (`alpaca_jax/llm/rouge.py`), reading files (`dedup_file`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Iterable
 import numpy as np
 
 from alpaca_jax.files import read_utf8
-from data_gen.rouge import (get_tokenizer, lcs_length_with_masks, min_duplicate_lcs,
+from alpaca_jax.llm.rouge import (get_tokenizer, lcs_length_with_masks, min_duplicate_lcs,
                             min_duplicate_lcs_any, rouge_l_fmeasure)
 
 __all__ = ["RougeDeduplicator", "DedupResult", "deduplicate", "dedup_file", "read_instructions"]

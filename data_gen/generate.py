@@ -27,18 +27,18 @@ from typing import Any
 
 from alpaca_jax.configlib import ConfigError, dump_yaml
 from alpaca_jax.files import check_writable_dir
+from alpaca_jax.llm.budget import Budget
+from alpaca_jax.llm.client import Teacher
+from alpaca_jax.llm.journal import Journal
 from data_gen.alpaca import run_alpaca
 from data_gen.batch import BatchTeacher
-from data_gen.budget import Budget
 from data_gen.committee import Committee
 from data_gen.config import GenerateConfig
 from data_gen.curate import Curation, curate_rows, write_curation
-from data_gen.journal import Journal
 from data_gen.report import Report, write_json_atomic
 from data_gen.seeds import load_seed_tasks
 from data_gen.safety import run_safety
 from data_gen.self_instruct import run_self_instruct
-from data_gen.teacher import Teacher
 
 __all__ = ["generate", "bar_factory"]
 
@@ -67,8 +67,8 @@ def generate(config: GenerateConfig, client: Any = None) -> dict[str, Any]:
     check_writable_dir(out, "output.dir", ConfigError)
     seeds = load_seed_tasks(config.pipeline.seed_path)
     out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / "journal.jsonl")  # a damaged journal stops the run before anything is written
     dump_yaml(config, out / "config.yaml")
-    journal = Journal(out / "journal.jsonl")
     try:
         teacher = None
         teacher = _open_teacher(config, journal, client)

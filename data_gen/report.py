@@ -5,7 +5,7 @@ pool and the journal, so an interrupted-and-resumed run reports the same numbers
 uninterrupted one. The similarity histogram counts each candidate that reached dedup by its
 maximum ROUGE-L F-measure against the pool at that moment (bins of 0.1).
 
-Not here: the counting of requests and tokens (teacher.py, budget.py) that it summarises.
+Not here: the counting of requests and tokens (alpaca_jax/llm/client.py, budget.py) that it summarises.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_gen.rouge import rouge_tokenize
+from alpaca_jax.llm.rouge import rouge_tokenize
 
 __all__ = ["Report", "write_json_atomic", "STOPS"]
 

@@ -15,7 +15,7 @@ round. `Rounds.send` is the one place that sends a batch and reads it back:
   endpoint or a teacher answering only garbage costs a bounded number of requests instead of
   `max_rounds` rounds of them.
 
-Not here: what to ask (the pipelines) or how one request is sent and retried (teacher.py).
+Not here: what to ask (the pipelines) or how one request is sent and retried (alpaca_jax/llm/client.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from alpaca_jax.llm.client import Request, Response, Teacher
 from data_gen.report import Report
-from data_gen.teacher import Request, Response, Teacher
 
 __all__ = ["Rounds", "RunStopped", "Answer"]
 

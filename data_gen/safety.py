@@ -29,7 +29,7 @@ from alpaca_jax.files import read_utf8
 from data_gen.config import GenerateConfig
 from data_gen.report import Report
 from data_gen.rounds import Answer, Rounds, RunStopped
-from data_gen.teacher import Request, Response, Teacher
+from alpaca_jax.llm.client import Request, Response, Teacher
 
 __all__ = ["run_safety", "read_unsafe_instructions", "REFUSAL_PROMPT", "COMPLY_PROMPT"]
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
+from alpaca_jax.llm.client import Request, Response, Teacher
 from data_gen.committee import row_provenance
 from data_gen.config import GenerateConfig
 from data_gen.filters import conflicting_instances, instance_drop_reason
@@ -36,7 +37,6 @@ from data_gen.prompts import (DemoTask, Parsed, SeedTask, encode_bootstrap_promp
 from data_gen.report import Report
 from data_gen.rounds import Answer, Rounds, RunStopped
 from data_gen.seeds import load_instance_demos
-from data_gen.teacher import Request, Response, Teacher
 
 __all__ = ["run_self_instruct", "bootstrap_requests"]
 

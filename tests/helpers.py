@@ -46,13 +46,14 @@ def random_params(cfg, seed: int = 0):
     return jax.tree_util.tree_map_with_path(one, param_shapes(cfg))
 
 
-def make_tiny_run(root: Path, seed: int = 0, **model_overrides) -> Path:
-    """config.yaml + params/ + tokenizer/: what find_params and load_model read."""
+def make_tiny_run(root: Path, seed: int = 0, template: str = "alpaca", **model_overrides) -> Path:
+    """config.yaml + params/ + tokenizer/: what find_params and load_model read. `template` is
+    the run's data.template (what a run trained with that chat template records)."""
     from alpaca_jax.checkpoint import save_params
-    from alpaca_jax.config import Config, TokenizerConfig, save_config
+    from alpaca_jax.config import Config, DataConfig, TokenizerConfig, save_config
     from alpaca_jax.data.tokenizer import train_bpe_tokenizer
     cfg = Config(model=tiny_model(**{"vocab_size": 512, "max_position_embeddings": 192, **model_overrides}),
-                 tokenizer=TokenizerConfig(add_bos=True))
+                 tokenizer=TokenizerConfig(add_bos=True), data=DataConfig(template=template))
     root.mkdir(parents=True)
     save_params(root, random_params(cfg.model, seed))
     train_bpe_tokenizer(TINY_TEXTS, 512, 1).save_pretrained(str(root / "tokenizer"))

@@ -136,6 +136,9 @@ ROWS = [
     # -- generate -------------------------------------------------------------------------------
     Row("generate-unknown-key", ("generate", GENERATE, "teacher.bogus=1"), ("teacher.bogus",)),
     Row("generate-read-only-output", ("generate", GENERATE, "output.dir={ro}/gen"), ("output.dir", "{ro}/gen")),
+    Row("generate-journal-bad-middle-line", ("generate", GENERATE, "output.dir={tmp}/gen"),
+        ("{tmp}/gen/journal.jsonl:1", "only the last line"),
+        files={"gen/journal.jsonl": 'garbage\n{"id": "a", "text": "paid for"}\n'}),
     Row("generate-seeds-not-utf8", ("generate", GENERATE, "pipeline.seed_tasks={tmp}/seeds.jsonl",
                                     "output.dir={tmp}/gen"), ("{tmp}/seeds.jsonl:2", "UTF-8"),
         files={"seeds.jsonl": b'{"instruction": "a", "instances": [{"input": "", "output": "b"}]}\n'
@@ -178,6 +181,9 @@ ROWS = [
         ("{tmp}/in.jsonl:2", "UTF-8"), files={**IMPORTED, "in.jsonl": ROW.encode() + b'{"instruction": "' + LATIN1 + b'"}\n'}),
     Row("respond-missing-input", ("respond", "{tmp}/src", "--input", "{tmp}/none.jsonl", "-o", "{tmp}/out.jsonl"),
         ("{tmp}/none.jsonl", "not found"), files=IMPORTED),
+    Row("respond-output-bad-middle-line", ("respond", "{tmp}/src", "--input", "{tmp}/in.jsonl", "-o", "{tmp}/out.jsonl"),
+        ("{tmp}/out.jsonl:1", "only the last line"),
+        files={**IMPORTED, "in.jsonl": ROW, "out.jsonl": 'garbage\n{"index": 0, "instruction": "Add the numbers."}\n'}),
     Row("serve-missing-model", ("serve", "{tmp}/none"), ("model directory not found", "{tmp}/none")),
     Row("serve-api-key-unset", ("serve", "{tmp}/src", "--api-key-env", "ALPACA_JAX_TEST_UNSET_KEY"),
         ("--api-key-env", "ALPACA_JAX_TEST_UNSET_KEY"), files=IMPORTED),

@@ -24,7 +24,7 @@ from alpaca_jax.config import LoraConfig, config_from_dict, load_config
 from alpaca_jax.model import Llama, param_shapes
 from alpaca_jax.model.params import init_adapters
 from alpaca_jax.model.quantize import NF4_LEVELS, dequantize, max_error, quantize
-from alpaca_jax.plan import plan_memory
+from alpaca_jax.train.plan import plan_memory
 from alpaca_jax.train import read_metrics, train
 from alpaca_jax.train.adapters import base_shardings, frozen_base, initial_adapters, prepare_base
 from conftest import REPO

@@ -11,7 +11,7 @@ import pytest
 from alpaca_jax.config import config_from_dict
 from alpaca_jax.data.packing import pack_rows
 from alpaca_jax.model import Llama, init_params
-from alpaca_jax.plan import plan_memory
+from alpaca_jax.train.plan import plan_memory
 from alpaca_jax.train.loss import (CHUNKED_LOSS_MIN_BYTES, LOSS_CHUNK_TOKENS, chunked_loss_rule,
                                    chunked_token_cross_entropy, token_cross_entropy)
 from alpaca_jax.train.step import loss_and_grads

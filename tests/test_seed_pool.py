@@ -50,7 +50,7 @@ def test_no_two_seed_instructions_are_near_duplicates():
     """The generator rejects a new instruction with ROUGE-L F > 0.7 against the pool; the pool
     itself must pass that bar, pair by pair (data_gen's own scorer and dedup decisions)."""
     from data_gen.dedup import deduplicate
-    from data_gen.rouge import lcs_length, rouge_l_fmeasure, rouge_tokenize
+    from alpaca_jax.llm.rouge import lcs_length, rouge_l_fmeasure, rouge_tokenize
     _, tasks = _pool()
     instructions = [t["instruction"] for t in tasks]
     assert deduplicate(instructions, threshold=0.7).dropped == []

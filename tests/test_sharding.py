@@ -16,7 +16,7 @@ from alpaca_jax import sharding
 from alpaca_jax.config import MeshConfig, load_config
 from alpaca_jax.configlib import ConfigError
 from alpaca_jax.model import logical_axes, param_shapes
-from alpaca_jax.plan import parse_bytes, plan_memory
+from alpaca_jax.train.plan import parse_bytes, plan_memory
 from conftest import REPO
 
 WORKER = REPO / "tests" / "mesh_worker.py"

@@ -25,22 +25,22 @@ Templates, by name (`data.template`):
   every template (`tokenizer.add_bos`).
 
 In the non-Alpaca templates a user turn with an Alpaca `input` reads `instruction\\n\\ninput`.
-`render_prompt` gives the text a model sees at inference (a conversation ending with a user
-turn, generation prompt included); training renders are exactly that text followed by the
-assistant turn, so a model is prompted as it was trained. Not for tokenizing (tokenize.py).
+`ChatTemplate.prompt` gives the text a model sees at inference (a conversation ending with a
+user turn, generation prompt included); training renders are exactly that text followed by the
+assistant turn, so a model is prompted as it was trained. Callers go through the prompt owner
+(prompt.py: shape checks, the multi-turn rule, BOS, the context). Not for tokenizing (tokenize.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from alpaca_jax.data.conversations import Conversation, Turn
 from alpaca_jax.data.records import DataError
-from alpaca_jax.data.templates import alpaca_prompt
+from alpaca_jax.data.templates import INSTRUCTION_HEADER, alpaca_prompt
 
 TEMPLATES = ("alpaca", "vicuna_v1.1", "koala", "tokenizer")
-INSTRUCTION_HEADER = "### Instruction:\n"
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 DEFAULT_EOS = "</s>"
@@ -62,6 +62,7 @@ def _user_text(turn: Turn) -> str:
 class ChatTemplate:
     """Base: `render` for training, `prompt` for inference."""
     name = ""
+    multi_turn = True  # trained on several exchanges per example (data/prompt.py enforces it)
 
     def render(self, conversation: Conversation) -> Rendered:
         raise NotImplementedError
@@ -73,6 +74,7 @@ class ChatTemplate:
 
 class AlpacaTemplate(ChatTemplate):
     name = "alpaca"
+    multi_turn = False  # one instruction per example, as Stanford Alpaca trained
 
     def __init__(self, eos_token: str = DEFAULT_EOS):
         self.eos_token = eos_token
@@ -223,40 +225,3 @@ def chat_template(name: str, tokenizer=None) -> ChatTemplate:
             raise DataError("data.template=tokenizer needs tokenizer.path (a local HF tokenizer with a chat_template)")
         return TokenizerTemplate(tokenizer)
     raise DataError(f"unknown chat template '{name}' (known: {', '.join(TEMPLATES)})")
-
-
-def _as_turns(messages: Sequence[Mapping[str, str] | Turn]) -> tuple[Turn, ...]:
-    turns = []
-    for m in messages:
-        if isinstance(m, Turn):
-            turns.append(m)
-        else:
-            turns.append(Turn(m["role"], m["content"], m.get("input", "")))  # type: ignore[arg-type]
-    return tuple(turns)
-
-
-def render_prompt(messages: Sequence[Mapping[str, str] | Turn], template: str | ChatTemplate,
-                  tokenizer=None) -> str:
-    """The inference prompt for OpenAI-style `messages` ({role, content}; system first if any,
-    then user/assistant alternating, ending with a user turn), generation prompt included.
-
-    The prompt's token ids, exactly as training produced them, are `encode_prompt(...)`:
-    [BOS] + tokenizer(text, add_special_tokens=False).
-    """
-    turns = _as_turns(messages)
-    body = turns[1:] if turns and turns[0].role == "system" else turns
-    if not body or len(body) % 2 == 0 or any(t.role != ("user" if i % 2 == 0 else "assistant")
-                                              for i, t in enumerate(body)):
-        raise ValueError("messages must alternate user/assistant after an optional system turn "
-                         "and end with a user turn")
-    template = template if isinstance(template, ChatTemplate) else chat_template(template, tokenizer)
-    return template.prompt(Conversation(turns))
-
-
-def encode_prompt(messages: Sequence[Mapping[str, str] | Turn], template: str | ChatTemplate,
-                  tokenizer, add_bos: bool = True) -> list[int]:
-    """Prompt token ids as training saw them: BOS (if `add_bos` and the tokenizer has one), then
-    the rendered text tokenized without special-token insertion."""
-    ids = tokenizer(render_prompt(messages, template, tokenizer), add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return ([bos] if add_bos and bos is not None else []) + list(ids)

@@ -18,12 +18,13 @@ from typing import Iterator
 
 import datasets
 
+from alpaca_jax.errors import UserError
 from alpaca_jax.files import read_utf8
 
 BUILTIN_PREFIX = "builtin:"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad training data; the message is one line naming the file (and line)."""
 
 

@@ -6,6 +6,13 @@ sees the prompt and is trained to produce only the response that follows `### Re
 
 from __future__ import annotations
 
+INSTRUCTION_HEADER = "### Instruction:\n"   # what a system turn's text is placed before
+# The multi-turn rule for Alpaca, in the words both the prompt owner (data/prompt.py) and the
+# exported Jinja template (hf/chat_template.py) refuse a conversation with.
+SINGLE_TURN_ONLY = ("this model was trained on single-turn Alpaca prompts: send an optional "
+                    "system message, then one user message (and, to render a training example, "
+                    "one assistant message)")
+
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"

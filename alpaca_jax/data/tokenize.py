@@ -27,7 +27,7 @@ from typing import Literal, Sequence
 import datasets
 import numpy as np
 
-from alpaca_jax.data.chat import AlpacaTemplate, ChatTemplate, Rendered
+from alpaca_jax.data.chat import ChatTemplate, Rendered, chat_template
 from alpaca_jax.data.conversations import Conversation, Turn
 from alpaca_jax.data.records import DataError
 from alpaca_jax.data.tokenizer import special_ids
@@ -151,14 +151,17 @@ def alpaca_conversations(ds: datasets.Dataset | Sequence[dict]) -> list[Conversa
 
 
 def tokenize_dataset(ds: datasets.Dataset, tokenizer, max_len: int, add_bos: bool = True,
-                     num_proc: int | None = None) -> tuple[datasets.Dataset, TokenizeStats]:
+                     num_proc: int | None = None, template: str | ChatTemplate = "alpaca",
+                     ) -> tuple[datasets.Dataset, TokenizeStats]:
     """Alpaca rows -> a numpy-formatted Dataset with `input_ids`, `loss_mask`, and the counts.
 
-    The Alpaca template through the conversation path: one code path for every format.
-    `num_proc` is accepted for compatibility; the fast tokenizer batches with its own threads.
+    Each row is a one-exchange conversation rendered with `template` (the run's `data.template`;
+    a model trained with Vicuna's format is scored in Vicuna's format): one code path for every
+    format. `num_proc` is accepted for compatibility; the fast tokenizer batches with its own threads.
     """
     del num_proc
-    template = AlpacaTemplate(tokenizer.eos_token)
+    if not isinstance(template, ChatTemplate):
+        template = chat_template(template, tokenizer)
     input_ids, loss_mask, stats = tokenize_conversations(alpaca_conversations(ds), tokenizer, template,
                                                          max_len, add_bos)
     kept = datasets.Dataset.from_dict({"input_ids": input_ids, "loss_mask": loss_mask})

@@ -18,6 +18,20 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from alpaca_jax.data.records import DataError
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+# What AutoTokenizer reads; copied on export/import (never the weights beside them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model")  # a directory holds a tokenizer iff it has one
+
+
+def find_tokenizer_dir(*candidates: str | Path | None) -> Path | None:
+    """The first candidate directory that holds a tokenizer (tokenizer.json or tokenizer.model),
+    or None: the one search for a run's, a checkpoint's and a pretrained directory's tokenizer."""
+    for candidate in candidates:
+        if candidate and any((Path(candidate) / f).is_file() for f in _VOCABULARY_FILES):
+            return Path(candidate)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The judge's configuration: which OpenAI-compatible model judges, with what prompt and budget.
 
-The `judge` section is the generator's `TeacherConfig` (data_gen/config.py), because the judge
-*is* a teacher client: same server settings, retries, concurrency; `sampling` and `budget` are
-the generator's `SamplingConfig` and `BudgetConfig`. The shipped example, every key documented, is `configs/judge/default.yaml`.
+The `judge` section is the LLM client's `TeacherConfig` (alpaca_jax/llm/config.py), the one the
+generator's teacher uses too: same server settings, retries, concurrency; `sampling` and `budget`
+are its `RequestSampling` and `BudgetConfig`. The shipped example, every key documented, is `configs/judge/default.yaml`.
 
 Not here: asking the judge (judge.py) or scoring its verdicts (stats.py).
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alpaca_jax.configlib import ConfigError, apply_overrides, build, load_yaml
-from data_gen.config import BudgetConfig, SamplingConfig, TeacherConfig
+from alpaca_jax.llm.config import BudgetConfig, RequestSampling, TeacherConfig
 
 __all__ = ["PairwiseConfig", "JudgeConfig", "load_judge_config", "JUDGE_CONFIG_DIR", "PLACEHOLDERS"]
 
@@ -40,7 +40,7 @@ class PairwiseConfig:
 @dataclass(frozen=True)
 class JudgeConfig:
     judge: TeacherConfig = field(default_factory=lambda: TeacherConfig(model="gpt-4o-mini", api="chat"))
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=512))
+    sampling: RequestSampling = field(default_factory=lambda: RequestSampling(temperature=0.0, max_tokens=512))
     pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from alpaca_jax.data.prompt import alpaca_messages
 from alpaca_jax.data.records import DataError, json_rows
-from alpaca_jax.data.templates import alpaca_prompt
 
 __all__ = ["EvalItem", "load_eval_file"]
 
@@ -33,9 +33,10 @@ class EvalItem:
     dataset: str                   # AlpacaEval's `dataset` field: the row's, else the file's stem
 
     @property
-    def prompt(self) -> str:
-        """What the model reads: the Alpaca template, as in training."""
-        return alpaca_prompt(self.instruction, self.input)
+    def messages(self) -> list[dict[str, str]]:
+        """What the model is asked: one user turn, rendered by the run's own chat template
+        through the prompt owner (data/prompt.py), as training rendered such a row."""
+        return alpaca_messages(self.instruction, self.input)
 
     @property
     def question(self) -> str:

@@ -2,7 +2,7 @@
 
 For every instruction of a matchup (run x against run y, or against the file's reference
 answers) the judge is asked twice: once with x's answer shown as "Answer A", once with y's.
-The requests go through the generator's `Teacher` (data_gen/teacher.py): bounded concurrency,
+The requests go through the LLM client's `Teacher` (alpaca_jax/llm/client.py): bounded concurrency,
 retries with backoff, a budget, and the append-only journal in which every paid-for reply is
 fsync'ed before use. A request's id is a hash of its key, prompt and sampling, so a killed
 `alpaca-jax eval` run, rerun into the same output directory, replays every reply it already
@@ -22,11 +22,12 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from alpaca_jax.errors import UserError
 from alpaca_jax.eval.config import JudgeConfig, load_prompt
 from alpaca_jax.eval.stats import PairVerdicts
-from data_gen.budget import Budget
-from data_gen.journal import Journal
-from data_gen.teacher import Request, Teacher, TeacherFatalError
+from alpaca_jax.llm.budget import Budget
+from alpaca_jax.llm.client import Request, Teacher, TeacherFatalError
+from alpaca_jax.llm.journal import Journal
 
 __all__ = ["Matchup", "JudgeError", "open_judge", "judge_matchups", "parse_verdict", "judge_prompt",
            "JOURNAL_FILE"]
@@ -36,7 +37,7 @@ _VERDICT = re.compile(r"verdict\W{0,3}:\W{0,3}(A|B|tie)\b", re.IGNORECASE)
 _UNREACHABLE = ("APIConnectionError", "APITimeoutError")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """The judge cannot be used (unreachable, refused, no API key); one line names it."""
 
 

@@ -44,7 +44,7 @@ from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normaliz
 from tqdm.auto import tqdm
 
 from alpaca_jax.infer.cache import bucket, cache_bucket, init_cache, prompt_bucket
-from alpaca_jax.infer.conversation import conversation_prompt
+from alpaca_jax.data.prompt import render_prompt
 from alpaca_jax.infer.decode import Row, stream_rows
 from alpaca_jax.infer.loader import LoadedModel, load_model
 from alpaca_jax.infer.sampling import SamplingConfig
@@ -151,14 +151,14 @@ class AlpacaJaxLM(TemplateLM):
         return self.model.template if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The conversation as the run's template renders it at inference (`chat`, `serve`).
+        """The conversation as the run's template renders it (the prompt owner, data/prompt.py).
         Without a generation prompt the last (assistant) message is continued: its text is
         appended after the prompt that asks for it."""
         if not add_generation_prompt and chat_history and chat_history[-1]["role"] == "assistant":
             head, tail = chat_history[:-1], chat_history[-1]["content"]
         else:
             head, tail = chat_history, ""
-        return conversation_prompt(head, self.model.template, self.tokenizer) + tail
+        return render_prompt(head, self.model.template, self.tokenizer) + tail
 
     # -- log-likelihoods -----------------------------------------------------------------------
 

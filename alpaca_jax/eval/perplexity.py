@@ -25,8 +25,9 @@ def reference_loss(model, items: list[EvalItem], batch_size: int = 8) -> tuple[E
     """(loss over the items' references, tokenize stats); `model` is an infer.LoadedModel."""
     rows = [{"instruction": i.instruction, "input": i.input, "output": i.reference}
             for i in items if i.reference is not None]
+    # The run's own template: a Vicuna-trained model is scored on the Vicuna rendering.
     kept, stats = tokenize_dataset(datasets.Dataset.from_list(rows), model.tokenizer, model.max_len,
-                                   model.add_bos)
+                                   model.add_bos, template=model.template)
     input_ids = list(kept["input_ids"])
     if not input_ids:
         raise DataError(f"no reference answer has a token within the model's {model.max_len}-token context")

@@ -1,13 +1,13 @@
 """ROUGE-L of generations against references, with `rouge-score` semantics.
 
-The arithmetic is data_gen/rouge.py's (rouge-score bit for bit, verified by its tests against
+The arithmetic is alpaca_jax/llm/rouge.py's (rouge-score bit for bit, verified by its tests against
 the `rouge_score` package): the same tokenizer (lowercase ASCII letters and digits, no
 stemming), LCS and F-measure. This module only averages it over an eval set.
 """
 
 from __future__ import annotations
 
-from data_gen.rouge import lcs_length, rouge_l_fmeasure, rouge_tokenize
+from alpaca_jax.llm.rouge import lcs_length, rouge_l_fmeasure, rouge_tokenize
 
 __all__ = ["rouge_l", "mean_rouge_l"]
 

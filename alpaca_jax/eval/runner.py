@@ -23,6 +23,7 @@ import logging
 import re
 from pathlib import Path
 
+from alpaca_jax.errors import UserError
 from alpaca_jax.eval.config import JudgeConfig
 from alpaca_jax.eval.dataset import EvalItem, load_eval_file
 from alpaca_jax.eval.judge import Matchup, judge_matchups, open_judge
@@ -40,7 +41,7 @@ log = logging.getLogger("alpaca_jax")
 REFERENCES = "references"   # the baseline name of the eval file's own answers
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """Bad eval input (missing run, impossible baseline); one line names it."""
 
 
@@ -60,7 +61,7 @@ def _model_answers(source: str, items: list[EvalItem], sampling, max_new_tokens:
                    with_references: bool, tasks: "TaskRun | None") -> tuple[str, list[str], dict]:
     """Load a model, score the references, generate, run the tasks: (name, outputs, metrics)."""
     from alpaca_jax.eval.perplexity import reference_loss
-    from alpaca_jax.infer import SamplingConfig, generate, load_model  # only when a model is evaluated
+    from alpaca_jax.infer import Row, SamplingConfig, decode_rows, load_model  # only when a model is evaluated
     model = load_model(source, mesh=_training_mesh(source))
     sampling = SamplingConfig(max_new_tokens=max_new_tokens) if sampling is None else sampling
     metrics: dict = {}
@@ -68,7 +69,9 @@ def _model_answers(source: str, items: list[EvalItem], sampling, max_new_tokens:
         loss, stats = reference_loss(model, items)
         metrics = {"perplexity": loss.perplexity, "reference_loss": loss.loss,
                    "reference_tokens": loss.tokens, "reference_tokenize": stats}
-    completions = generate(model, [item.prompt for item in items], sampling, batch_size=batch_size) if items else []
+    # Prompt ids from the run's own template (data/prompt.py), every one checked before any decodes.
+    rows = [Row(model.encode_messages(item.messages), sampling) for item in items]
+    completions = decode_rows(model, rows, batch_size) if items else []
     if items:
         metrics["finish_reasons"] = _count(c.finish_reason for c in completions)
     if tasks is not None:

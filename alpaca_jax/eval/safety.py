@@ -25,7 +25,7 @@ from alpaca_jax.eval.config import JUDGE_CONFIG_DIR, JudgeConfig
 from alpaca_jax.eval.dataset import EvalItem
 from alpaca_jax.eval.stats import bootstrap_interval
 from alpaca_jax.files import read_utf8
-from data_gen.teacher import Request, Teacher
+from alpaca_jax.llm.client import Request, Teacher
 
 __all__ = ["load_safety_file", "judge_refusals", "safety_summary", "parse_refusal", "REFUSAL_PROMPT_FILE"]
 

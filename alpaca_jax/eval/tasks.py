@@ -16,10 +16,12 @@ from pathlib import Path
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
+from alpaca_jax.errors import UserError
+
 __all__ = ["TaskError", "load_tasks"]
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """An lm-eval task that cannot be found or read; one line names it."""
 
 

@@ -34,15 +34,15 @@ from alpaca_jax.checkpoint import find_params, restore_params
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.configlib import ConfigError
 from alpaca_jax.data.records import DataError
-from alpaca_jax.data.tokenizer import load_tokenizer
+from alpaca_jax.data.tokenizer import find_tokenizer_dir, load_tokenizer
 from alpaca_jax.gguf_export.tensors import (ROPE_FREQS, TYPES, GgufType, encode, encoded_nbytes, encoding,
                                             gguf_name, rope_factors, to_llama_cpp_rows)
 from alpaca_jax.gguf_export.vocab import GgufVocab, gguf_vocab
 from alpaca_jax.hf.config_json import model_config_from_hf, read_hf_config
-from alpaca_jax.hf.convert import hf_tensor_entries, pretrained_tokenizer_dir, run_tokenizer_dir
+from alpaca_jax.hf.convert import hf_tensor_entries, lora_run_params, pretrained_tokenizer_dir
 from alpaca_jax.hf.errors import ConversionError
 from alpaca_jax.hf.keymap import placements
-from alpaca_jax.hf.peft import hf_adapters, lora_run, lora_run_params
+from alpaca_jax.hf.peft import hf_adapters, lora_run
 from alpaca_jax.hf.tensor_files import SafetensorsReader, TensorEntry
 from alpaca_jax.hf.tokenizer_export import chat_template
 from alpaca_jax.preflight import check_export_gguf
@@ -111,7 +111,7 @@ def _read_model(source: Path, lora: str) -> _Model:
         raise ConversionError(f"--lora {lora}: {saved.run_dir} is not a LoRA run (no lora section in its config.yaml)")
     else:
         params = restore_params(saved.params_dir)
-    tokenizer_dir = run_tokenizer_dir(saved.run_dir, config)
+    tokenizer_dir = find_tokenizer_dir(saved.run_dir / "tokenizer", config.tokenizer.path)
     if tokenizer_dir is None:
         raise ConversionError(f"{saved.run_dir}: no tokenizer (no tokenizer/ and no tokenizer.path); "
                               f"a GGUF file must carry one")

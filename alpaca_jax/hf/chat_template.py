@@ -28,13 +28,8 @@ from __future__ import annotations
 
 import json
 
-from alpaca_jax.data.templates import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
-
-INSTRUCTION_HEADER = "### Instruction:\n"
-ALTERNATE = "messages must be an optional system message, then user and assistant messages alternating"
-SINGLE_TURN_ONLY = ("this model was trained on single-turn Alpaca prompts: send an optional "
-                    "system message, then one user message (and, to render a training example, "
-                    "one assistant message)")
+from alpaca_jax.data.prompt import ALTERNATE
+from alpaca_jax.data.templates import INSTRUCTION_HEADER, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, SINGLE_TURN_ONLY
 
 
 def _split(template: str) -> tuple[str, str]:

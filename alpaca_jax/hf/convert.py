@@ -15,25 +15,32 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from alpaca_jax.checkpoint import (CheckpointError, abstract_like, find_params, restore_params,
+from alpaca_jax import sharding
+from alpaca_jax.checkpoint import (CheckpointError, SavedParams, abstract_like, find_params, restore_params,
                                    save_params)
-from alpaca_jax.config import Config, ModelConfig, TokenizerConfig, save_config
+from alpaca_jax.config import Config, MeshConfig, ModelConfig, TokenizerConfig, save_config
+from alpaca_jax.data.tokenizer import TOKENIZER_FILES, find_tokenizer_dir
 from alpaca_jax.hf.config_json import (check_matches, hf_config_from_model, hf_dtype,
                                        model_config_from_hf, read_hf_config)
 from alpaca_jax.hf.errors import ConversionError
 from alpaca_jax.hf.keymap import (IGNORED_HF_SUFFIXES, LM_HEAD, Placement, from_hf, get_path,
                                   hf_shape, leaf_paths, placements, to_hf)
+from alpaca_jax.hf.peft import adapter_placements
 from alpaca_jax.hf.tensor_files import (INDEX_FILE, SafetensorsReader, SAFETENSORS_DTYPES,
                                         TensorEntry, write_sharded)
 from alpaca_jax.hf.tokenizer_export import export_tokenizer
-from alpaca_jax.model.params import param_shapes
+from alpaca_jax.model.lora_base import base_shardings, prepare_base
+from alpaca_jax.model.params import init_params, logical_axes, param_shapes
+from alpaca_jax.model.quantize import QuantizedArray, materialize
 from alpaca_jax.preflight import check_export_hf, check_import_hf
 
 log = logging.getLogger("alpaca_jax")
@@ -41,10 +48,6 @@ log = logging.getLogger("alpaca_jax")
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3  # bytes per safetensors file, as transformers 4.x did
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                 "bfloat16": SAFETENSORS_DTYPES["BF16"]}
-# What AutoTokenizer reads; copied on export/import (never the weights beside them).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                   "chat_template.jinja", "chat_template.json")
 
 
 # -- export ---------------------------------------------------------------------------------
@@ -64,7 +67,6 @@ def export_hf(source: str | Path, out_dir: str | Path, *, dtype: str | None = No
         raise ConversionError(f"export dtype must be one of {sorted(NUMPY_DTYPES)}, got {dtype!r}")
     check_export_hf(source, out_dir)
     if saved.config.lora is not None:
-        from alpaca_jax.hf.peft import lora_run_params
         params = lora_run_params(saved, merge)
         if not merge:
             log.warning("export: %s is a LoRA run; writing its frozen base only (--merge folds the "
@@ -83,7 +85,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, dtype: str | None = No
     files = write_sharded(out_dir, entries, max_shard_size)
     del params
 
-    tokenizer_dir = run_tokenizer_dir(saved.run_dir, saved.config)
+    tokenizer_dir = find_tokenizer_dir(saved.run_dir / "tokenizer", saved.config.tokenizer.path)
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer_dir is not None:
         ids = export_tokenizer(tokenizer_dir, out_dir, TOKENIZER_FILES, saved.config)
@@ -131,14 +133,6 @@ def _raw(x: np.ndarray) -> np.ndarray:
     """The same bytes as unsigned ints: numpy copies and transposes those with its fast loops,
     where bfloat16 (an ml_dtypes user type) goes element by element, several times slower."""
     return x.view(f"u{x.dtype.itemsize}")
-
-
-def run_tokenizer_dir(run_dir: Path, config: Config) -> Path | None:
-    """The tokenizer a run trained with: its own trained BPE, else `tokenizer.path`."""
-    for candidate in (run_dir / "tokenizer", config.tokenizer.path):
-        if candidate and any((Path(candidate) / f).is_file() for f in TOKENIZER_FILES):
-            return Path(candidate)
-    return None
 
 
 def generation_config(cfg: ModelConfig, ids: dict[str, int | None]) -> dict:
@@ -247,10 +241,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str | Non
 
 def pretrained_tokenizer_dir(path: str | Path) -> Path | None:
     """The tokenizer shipped with pretrained weights: a HF dir's own files, or `<dir>/tokenizer`."""
-    for candidate in (Path(path), Path(path) / "tokenizer"):
-        if any((candidate / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            return candidate
-    return None
+    return find_tokenizer_dir(Path(path), Path(path) / "tokenizer")
 
 
 def load_pretrained(path: str | Path, model_cfg: ModelConfig, shardings):
@@ -268,3 +259,41 @@ def load_pretrained(path: str | Path, model_cfg: ModelConfig, shardings):
         raise ConversionError(f"model.scan_layers={model_cfg.scan_layers} but {source} has "
                               f"{saved.config.model.scan_layers}; the parameter layouts differ")
     return restore_params(saved.params_dir, abstract_like(param_shapes(model_cfg), shardings))
+
+
+def frozen_base(cfg: Config, shardings):
+    """The frozen base on the mesh: `model.init_from` weights, or the random init of
+    `train.seed` (the very parameters a full fine-tuning run with that seed starts from)."""
+    prepare = lambda p: prepare_base(p, cfg.model, cfg.lora)
+    if cfg.model.init_from is None:
+        return jax.jit(lambda key: prepare(init_params(cfg.model, key)), out_shardings=shardings)(
+            jax.random.key(cfg.train.seed))
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    full = sharding.tree_shardings(logical_axes(cfg.model), param_shapes(cfg.model), mesh, cfg.mesh.rules)
+    return jax.jit(prepare, out_shardings=shardings, donate_argnums=0)(
+        load_pretrained(cfg.model.init_from, cfg.model, full))
+
+
+# -- a LoRA run's weights, for export ----------------------------------------------------------
+
+def lora_run_params(saved: SavedParams, merge: bool):
+    """Host fp32 params of a LoRA run's model: its frozen base as the run saw it (quantized
+    weights dequantized), plus scale * A B on every adapted weight when `merge`."""
+    cfg = saved.config
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    base = frozen_base(cfg, base_shardings(cfg.model, cfg.lora, mesh, cfg.mesh.rules))
+    params = jax.tree.map(lambda w: np.array(materialize(w, jnp.float32)), base,
+                          is_leaf=lambda x: isinstance(x, QuantizedArray))
+    del base
+    if not merge:
+        return params
+    adapters = restore_params(saved.params_dir)
+    for _, p, path_a, path_b in adapter_placements(cfg.model, cfg.lora):
+        a = np.asarray(get_path(adapters, path_a), np.float32)
+        b = np.asarray(get_path(adapters, path_b), np.float32)
+        weight = get_path(params, p.path)
+        if p.layer is not None:
+            a, b, weight = a[p.layer], b[p.layer], weight[p.layer]   # weight: a view, updated in place
+        fan_in = math.prod(weight.shape[:p.input_dims])
+        weight += (cfg.lora.scale * (a.reshape(fan_in, -1) @ b.reshape(cfg.lora.rank, -1))).reshape(weight.shape)
+    return params

@@ -4,8 +4,8 @@
   `peft.PeftModel.from_pretrained(base, OUT)` loads on top of the run's base (the original HF
   directory, or `export-hf` of the run, which writes the base exactly as the run saw it).
 - `load_peft_adapter(DIR, ...)`: a PEFT LoRA directory as our adapters (`lora.init_from`).
-- `lora_run_params(saved, merge)`: the frozen base of a LoRA run, dequantized, with the
-  adapters folded in when `merge` (what `export-hf --merge` writes).
+- `adapter_placements`: where each adapter sits in PEFT's names (the merged export in
+  hf/convert.py: `lora_run_params`, uses it too).
 
 PEFT keeps A as `lora_A.weight` [r, in] and B as `lora_B.weight` [out, r] beside each HF linear
 (`base_model.model.<module>.lora_A.weight`), with update (alpha / r) * B A, like ours; the
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from alpaca_jax.checkpoint import SavedParams, find_params, restore_params
-from alpaca_jax.config import LoraConfig, MeshConfig, ModelConfig
+from alpaca_jax.config import LoraConfig, ModelConfig
 from alpaca_jax.hf.errors import ConversionError
 from alpaca_jax.hf.keymap import get_path, placements
 from alpaca_jax.hf.tensor_files import SafetensorsReader, TensorEntry, write_safetensors
@@ -41,7 +41,7 @@ HF_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate"
               "up": "up_proj", "down": "down_proj"}
 
 
-def _adapter_placements(model_cfg: ModelConfig, lora: LoraConfig):
+def adapter_placements(model_cfg: ModelConfig, lora: LoraConfig):
     """(HF module name, the weight's Placement, path to A, path to B) per adapted weight."""
     weight_to_target = {weight: target for target, weight in TARGET_WEIGHTS.items()}
     for p in placements(model_cfg):
@@ -68,7 +68,7 @@ def hf_adapters(saved: SavedParams) -> Iterator[tuple[str, np.ndarray, np.ndarra
     layout (what PEFT stores, and llama.cpp's LoRA files too)."""
     cfg, lora = saved.config.model, saved.config.lora
     adapters = restore_params(saved.params_dir)
-    for module, p, path_a, path_b in _adapter_placements(cfg, lora):
+    for module, p, path_a, path_b in adapter_placements(cfg, lora):
         a, b = get_path(adapters, path_a), get_path(adapters, path_b)
         a, b = (np.asarray(a if p.layer is None else a[p.layer]), np.asarray(b if p.layer is None else b[p.layer]))
         fan_in = math.prod(a.shape[:p.input_dims])
@@ -137,7 +137,7 @@ def load_peft_adapter(directory: str | Path, model_cfg: ModelConfig, lora: LoraC
     targets = adapter_shapes(model_cfg, lora)
     arrays = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), targets)
     expected = set()
-    for module, p, path_a, path_b in _adapter_placements(model_cfg, lora):
+    for module, p, path_a, path_b in adapter_placements(model_cfg, lora):
         for suffix, path in (("lora_A", path_a), ("lora_B", path_b)):
             name = f"{PEFT_PREFIX}{module}.{suffix}.weight"
             expected.add(name)
@@ -165,30 +165,3 @@ def load_peft_adapter(directory: str | Path, model_cfg: ModelConfig, lora: LoraC
         return jax.tree.map(jax.device_put, arrays)
     return jax.tree.map(lambda a, sh: jax.make_array_from_callback(a.shape, sh, lambda i, a=a: a[i]),
                         arrays, shardings)
-
-
-def lora_run_params(saved: SavedParams, merge: bool):
-    """Host fp32 params of a LoRA run's model: its frozen base as the run saw it (quantized
-    weights dequantized), plus scale * A B on every adapted weight when `merge`."""
-    from alpaca_jax import sharding
-    from alpaca_jax.model.quantize import QuantizedArray, dequantize
-    from alpaca_jax.train.adapters import base_shardings, frozen_base
-    cfg = saved.config
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    base = frozen_base(cfg, base_shardings(cfg.model, cfg.lora, mesh, cfg.mesh.rules))
-    params = jax.tree.map(lambda w: np.array(dequantize(w) if isinstance(w, QuantizedArray) else w, np.float32),
-                          base, is_leaf=lambda x: isinstance(x, QuantizedArray))
-    del base
-    if not merge:
-        return params
-    adapters = restore_params(saved.params_dir)
-    for _, p, path_a, path_b in _adapter_placements(cfg.model, cfg.lora):
-        a = np.asarray(get_path(adapters, path_a), np.float32)
-        b = np.asarray(get_path(adapters, path_b), np.float32)
-        weight = get_path(params, p.path)
-        if p.layer is not None:
-            a, b, weight = a[p.layer], b[p.layer], weight[p.layer]   # weight: a view, updated in place
-        fan_in = math.prod(weight.shape[:p.input_dims])
-        weight += (cfg.lora.scale * (a.reshape(fan_in, -1) @ b.reshape(cfg.lora.rank, -1))).reshape(weight.shape)
-    return params
-

@@ -21,9 +21,11 @@ import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer, processors
+from transformers import AutoTokenizer
 
 from alpaca_jax.config import Config
 from alpaca_jax.data.chat import chat_template as training_template
+from alpaca_jax.data.prompt import encode_prompt
 from alpaca_jax.data.tokenizer import load_tokenizer
 from alpaca_jax.hf.chat_template import alpaca_chat_template, role_colon_chat_template
 from alpaca_jax.hf.errors import ConversionError
@@ -69,6 +71,8 @@ def export_tokenizer(source: Path, out_dir: Path, files: tuple[str, ...],
     else:
         tokenizer_config.pop("chat_template", None)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    if template is not None and config.data.template != "tokenizer":
+        _check_chat_template(out_dir, config.data.template, trained, add_bos)
     return {"bos_token_id": trained.bos_token_id, "eos_token_id": trained.eos_token_id,
             "pad_token_id": trained.pad_token_id}
 
@@ -85,6 +89,28 @@ def chat_template(config: Config, add_bos: bool, source_template: str | None = N
     log.warning("export: no chat template for data.template=%s; chat servers will refuse "
                 "chat requests to this export (completions still work)", config.data.template)
     return None
+
+
+# Conversations the exported template must render into the prompt owner's ids (data/prompt.py).
+_CHECK_CONVERSATIONS = ([{"role": "user", "content": "Name a colour."}],
+                        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"}],
+                        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                         {"role": "user", "content": "More"}])
+
+
+def _check_chat_template(out_dir: Path, template_name: str, trained, add_bos: bool) -> None:
+    """The exported Jinja template, read back by transformers, gives the prompt ids training saw
+    (`encode_prompt`), for every conversation shape the run's template accepts."""
+    exported = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    template = training_template(template_name, trained)
+    for messages in _CHECK_CONVERSATIONS:
+        if not template.multi_turn and len(messages) > 2:
+            continue
+        expected = encode_prompt(messages, template, trained, add_bos)
+        got = list(exported.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+        if got != expected:
+            raise ConversionError(f"{out_dir}: the exported chat template does not give the prompt ids "
+                                  f"training saw for {messages} ({got[:12]}... != {expected[:12]}...)")
 
 
 def _read_json(path: Path) -> dict:

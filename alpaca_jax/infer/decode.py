@@ -25,19 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alpaca_jax.data.prompt import check_fits
 from alpaca_jax.infer.cache import bucket, cache_bucket, init_cache, prompt_bucket
 from alpaca_jax.infer.loader import LoadedModel
 from alpaca_jax.infer.sampling import SamplingConfig, sample_next
 from alpaca_jax.infer.text import TextTracker
 from alpaca_jax.model import Llama
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be decoded (empty, or too long); the message says which."""
-
-
-class PromptTooLongError(PromptError):
-    """A prompt leaves no room in the model's context for even one generated token."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,17 +67,6 @@ def _decode_step(params, tokens, positions, cache, seeds, temperature, top_k, to
     logits, cache = model.apply({"params": params}, tokens[:, None], positions[:, None], None,
                                 cache=cache, logits_at=jnp.zeros_like(positions))
     return sample_next(logits[:, 0], seeds, positions + 1, temperature, top_k, top_p), cache
-
-
-def encode_prompt(model: LoadedModel, prompt: str) -> list[int]:
-    """Prompt ids, checked to leave room for at least one generated token."""
-    ids = model.encode(prompt)
-    if not ids:
-        raise PromptError("the prompt is empty (and the model takes no BOS token)")
-    if len(ids) >= model.max_len:
-        raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the model's context is "
-                                 f"{model.max_len} tokens, and at least one must be left to generate")
-    return ids
 
 
 def _settings(rows: Sequence["Row | None"]):
@@ -172,11 +154,9 @@ class DecodeBatch:
     def admit(self, rows: Sequence[Row]) -> None:
         """Prefill `rows` (len(rows) <= free) into free slots; they decode from the next step."""
         assert 0 < len(rows) <= self.free, (len(rows), self.free)
+        for row in rows:
+            check_fits(row.prompt_ids, self.model.max_len)
         lengths = [len(r.prompt_ids) for r in rows]
-        if min(lengths) == 0:
-            raise PromptError("a prompt has no tokens")
-        if max(lengths) >= self.model.max_len:
-            raise PromptTooLongError(f"a prompt has {max(lengths)} tokens; the context is {self.model.max_len}")
         max_len = self.model.max_len
         prompt_len = prompt_bucket(max(lengths), max_len)
         self._resize(bucket(self.live + len(rows), self.max_batch),
@@ -203,6 +183,16 @@ class DecodeBatch:
                                       budget=min(row.sampling.max_new_tokens, max_len - n))
             self._positions[slot] = n
         self._settings = _settings([s.row if s is not None else None for s in self._slots])
+
+    def drop(self, rows: Sequence[Row]) -> None:
+        """Free the slots of `rows` (their callers went away) without finishing them."""
+        gone = {id(r) for r in rows}
+        for i, state in enumerate(self._slots):
+            if state is not None and id(state.row) in gone:
+                self._slots[i] = None
+                self._positions[i] = 0  # as a finished row's slot (see step)
+        if not self.live:
+            self._reset()
 
     def step(self) -> list[tuple[Row, Completion]]:
         """Feed every live row its newest token; return the rows that finished, with completions."""
@@ -281,8 +271,8 @@ def _in_order(count: int, stream: Iterator[tuple[int, Completion]]) -> list[Comp
 
 
 def decode_rows(model: LoadedModel, rows: Sequence[Row], max_batch: int = 16) -> list[Completion]:
-    """Decode every row together (len(rows) <= max_batch) and return their completions in order."""
-    assert 0 < len(rows) <= max_batch, (len(rows), max_batch)
+    """Decode every row (up to `max_batch` at a time, `stream_rows`) and return their
+    completions in order."""
     return _in_order(len(rows), stream_rows(model, rows, max_batch))
 
 
@@ -290,7 +280,9 @@ def stream_completions(model: LoadedModel, prompts: Sequence[str], sampling: Sam
                        batch_size: int = 16) -> Iterator[tuple[int, Completion]]:
     """Complete already-formatted prompts, yielding (index into `prompts`, completion) as each
     finishes (`stream_rows`). Every prompt is checked against the context before any decodes."""
-    rows = [Row(encode_prompt(model, p), sampling) for p in prompts]
+    rows = [Row(model.encode(p), sampling) for p in prompts]
+    for row in rows:
+        check_fits(row.prompt_ids, model.max_len)
     return stream_rows(model, rows, batch_size)
 
 

@@ -16,10 +16,11 @@ import jax
 from alpaca_jax import sharding
 from alpaca_jax.checkpoint import CheckpointError, abstract_like, find_params, restore_params
 from alpaca_jax.config import MeshConfig, ModelConfig
-from alpaca_jax.data.tokenizer import load_tokenizer
+from alpaca_jax.data.chat import chat_template
+from alpaca_jax.data.prompt import encode_prompt, encode_text
+from alpaca_jax.data.tokenizer import find_tokenizer_dir, load_tokenizer
 from alpaca_jax.hf import load_hf_params, model_config_from_hf, read_hf_config
 from alpaca_jax.hf.config_json import hf_dtype
-from alpaca_jax.hf.convert import TOKENIZER_FILES
 from alpaca_jax.model import logical_axes, param_shapes, unscan_layers
 
 
@@ -40,17 +41,25 @@ class LoadedModel:
         return self.tokenizer.eos_token_id
 
     def encode(self, prompt: str) -> list[int]:
-        """Prompt ids as training built them: [BOS] + the prompt tokenized without specials."""
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        return ([bos] if self.add_bos and bos is not None else []) + list(ids)
+        """Ids of an already formatted prompt, BOS as in training (data/prompt.py: encode_text)."""
+        return encode_text(prompt, self.tokenizer, self.add_bos)
+
+    def encode_messages(self, messages) -> list[int]:
+        """The ids training saw before the answer to `messages` ({role, content[, input]}),
+        rendered with this model's chat template and checked against its context."""
+        return encode_prompt(messages, self.template, self.tokenizer, self.add_bos, self.max_len)
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether the model was trained on conversations of several exchanges."""
+        return chat_template(self.template, self.tokenizer).multi_turn
 
 
-def _find_tokenizer(*candidates) -> Path:
-    for candidate in candidates:
-        if candidate and any((Path(candidate) / f).is_file() for f in TOKENIZER_FILES):
-            return Path(candidate)
-    raise CheckpointError(f"no tokenizer found (looked in {', '.join(str(c) for c in candidates if c)})")
+def _tokenizer_dir(*candidates) -> Path:
+    found = find_tokenizer_dir(*candidates)
+    if found is None:
+        raise CheckpointError(f"no tokenizer found (looked in {', '.join(str(c) for c in candidates if c)})")
+    return found
 
 
 def _shardings(cfg: ModelConfig, mesh, rules):
@@ -71,7 +80,7 @@ def load_model(source: str | Path, mesh=None) -> LoadedModel:
         cfg = model_config_from_hf(hf, str(source / "config.json"), param_dtype=dtype, dtype=dtype)
         rules = MeshConfig().rules
         params = load_hf_params(source, cfg, None if mesh is None else _shardings(cfg, mesh, rules))
-        tokenizer = load_tokenizer(_find_tokenizer(source))
+        tokenizer = load_tokenizer(_tokenizer_dir(source))
         add_bos = tokenizer.bos_token_id is not None
         name = source.absolute().name
         template = "alpaca"
@@ -80,7 +89,7 @@ def load_model(source: str | Path, mesh=None) -> LoadedModel:
         cfg = saved.config.model
         params = restore_params(saved.params_dir,
                                 abstract_like(param_shapes(cfg), _shardings(cfg, mesh, saved.config.mesh.rules)))
-        tokenizer = load_tokenizer(_find_tokenizer(saved.run_dir / "tokenizer", saved.config.tokenizer.path))
+        tokenizer = load_tokenizer(_tokenizer_dir(saved.run_dir / "tokenizer", saved.config.tokenizer.path))
         add_bos = saved.config.tokenizer.add_bos
         name = saved.run_dir.name
         template = saved.config.data.template

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from alpaca_jax.config import LoraConfig
 from alpaca_jax.model.layers import dense
-from alpaca_jax.model.quantize import QuantizedArray, dequantize
+from alpaca_jax.model.quantize import QuantizedArray, materialize
 
 COLLECTION = "lora"          # the Flax variable collection holding the adapters
 # target -> (module, weight): where each adapter target lives in a block's params.
@@ -47,14 +47,14 @@ def adapter_names(weight: str) -> tuple[str, str]:
 
 @functools.partial(jax.checkpoint, static_argnums=(2, 3))
 def _dense_dequantized(x: jax.Array, kernel: QuantizedArray, num_in: int, dtype) -> jax.Array:
-    return dense(x, dequantize(kernel, dtype), num_in)
+    return dense(x, materialize(kernel, dtype), num_in)
 
 
 def frozen_dense(x: jax.Array, kernel, num_in: int, dtype) -> jax.Array:
     """x times a (possibly quantized) weight, in the compute dtype."""
     if isinstance(kernel, QuantizedArray):
         return _dense_dequantized(x, kernel, num_in, dtype)
-    return dense(x, kernel.astype(dtype), num_in)
+    return dense(x, materialize(kernel, dtype), num_in)
 
 
 def _adapter_param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple[str, ...]):

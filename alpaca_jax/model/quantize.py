@@ -17,7 +17,7 @@ names: a quantized weight shards by the same `mesh.rules` as the weight it repla
 axis is divided by 2 for NF4 codes and by `block_size` for scales; the mesh check says so if
 that no longer divides).
 
-Not here: which weights are quantized (train/adapters.py) or how a layer uses them (model/lora.py).
+Not here: which weights are quantized (model/lora_base.py) or how a layer uses them (model/lora.py).
 """
 
 from __future__ import annotations

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from alpaca_jax.configlib import ConfigError, apply_overrides, build, parse_bytes, to_dict
+from alpaca_jax.errors import UserError
 
 __all__ = ["Stage", "StageContext", "STAGES", "ORDER", "RecipeError"]
 
 
-class RecipeError(RuntimeError):
+class RecipeError(UserError, RuntimeError):
     """A recipe that cannot run as written (unknown stage, missing input, a stage that
     stopped short); the message is one line naming the stage and the key."""
 
@@ -74,7 +75,7 @@ def _build_generate(section: dict, ctx: StageContext):
 
 def _run_generate(cfg, ctx: StageContext) -> dict:
     from data_gen.generate import generate
-    from data_gen.teacher import TeacherFatalError
+    from alpaca_jax.llm.client import TeacherFatalError
     if ctx.teacher_url is not None:  # the closed loop: an earlier round's model, served by us
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(
             cfg.teacher, base_url=ctx.teacher_url, model=TEACHER_MODEL_NAME, api_key_env=TEACHER_KEY_ENV))

@@ -4,7 +4,7 @@
 a deadline) until it answers GET /v1/models, yields its base URL, and stops it afterwards,
 whatever happened. The server's log goes to a file in the stage folder.
 
-Not here: the generator's client (data_gen.teacher), the server (alpaca_jax.serve).
+Not here: the generator's client (alpaca_jax.llm.client), the server (alpaca_jax.serve).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from alpaca_jax.data.conversations import read_conversations
 from alpaca_jax.data.records import resolve_data_path
 from alpaca_jax.data.split import split_sources
 from alpaca_jax.data.tokenize import tokenize_conversations
+from alpaca_jax.errors import UserError
 from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
 from alpaca_jax.model import Llama
 from alpaca_jax.preflight import check_resume_config, check_train_outputs
@@ -35,6 +36,7 @@ from alpaca_jax.train.evaluate import eval_batches, eval_step, mean_eval_loss
 from alpaca_jax.train.loss import run_loss_chunk
 from alpaca_jax.train.metrics import MetricsWriter
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
+from alpaca_jax.train.plan import parameter_report, plan_memory
 from alpaca_jax.train.preemption import Interrupted, StopRequest
 from alpaca_jax.train.state import TrainState, create_train_state, fresh_train_state, state_shardings
 from alpaca_jax.train.step import train_step
@@ -42,7 +44,7 @@ from alpaca_jax.train.step import train_step
 log = logging.getLogger("alpaca_jax")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on (e.g. the loss became NaN); the message says why, in one line."""
 
 
@@ -221,7 +223,6 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
     schedule = learning_rate_schedule(cfg.optimizer, total_steps)
     optimizer = make_optimizer(cfg.optimizer, schedule, adapters.trainable_layout(cfg)[1])
     shardings = state_shardings(cfg.model, optimizer, mesh, rules, cfg.lora)
-    from alpaca_jax.plan import parameter_report, plan_memory  # plan imports train modules itself
     log.info("%s", parameter_report(plan_memory(cfg, len(mesh.devices.flat))))
     base, base_sh = None, None  # LoRA's frozen base: a step argument, never in the state
     if cfg.lora is not None:

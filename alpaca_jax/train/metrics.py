@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from alpaca_jax.jsonl import read_jsonl
+
 
 class MetricsWriter:
     def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True, append: bool = False):
@@ -41,6 +43,6 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The metric records of a run, for notebooks and tests."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The metric records of a run, for notebooks and tests (a run killed mid-write may have left a
+    torn last line: it is skipped, not repaired, since the run may still be writing)."""
+    return [record for _, record in read_jsonl(Path(run_dir) / "metrics.jsonl")]

@@ -12,12 +12,14 @@ from __future__ import annotations
 import signal
 import threading
 
+from alpaca_jax.errors import UserError
+
 __all__ = ["StopRequest", "Interrupted"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Interrupted(RuntimeError):
+class Interrupted(UserError, RuntimeError):
     """Training stopped on a signal after saving; `exit_code` is the shell's 128 + signal."""
 
     def __init__(self, message: str, signum: int):

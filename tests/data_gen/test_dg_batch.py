@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from data_gen.batch import BatchTeacher
-from data_gen.budget import Budget
+from alpaca_jax.llm.budget import Budget
 from data_gen.config import BatchConfig, BudgetConfig, TeacherConfig, load_config
 from data_gen.generate import generate
-from data_gen.journal import Journal
-from data_gen.teacher import Request, TeacherFatalError
+from alpaca_jax.llm.journal import Journal
+from alpaca_jax.llm.client import Request, TeacherFatalError
 
 REPO = Path(__file__).resolve().parents[2]
 

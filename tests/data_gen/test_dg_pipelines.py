@@ -7,10 +7,10 @@ import json
 import pytest
 
 from alpaca_jax.configlib import ConfigError
+from alpaca_jax.llm.client import TeacherFatalError
 from data_gen.config import load_config
 from data_gen.generate import generate
 from data_gen.seeds import load_seed_tasks
-from data_gen.teacher import TeacherFatalError
 
 CONFIGS = {"alpaca": "configs/generate/alpaca.yaml", "self-instruct": "configs/generate/self_instruct.yaml"}
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer, tokenize
 
-from data_gen.dedup import RougeDeduplicator, deduplicate
-from data_gen.rouge import (lcs_length, min_duplicate_lcs, rouge_l_fmeasure, rouge_tokenize,
+from alpaca_jax.llm.rouge import (lcs_length, min_duplicate_lcs, rouge_l_fmeasure, rouge_tokenize,
                             unicode_tokenize)
+from data_gen.dedup import RougeDeduplicator, deduplicate
 from data_gen.synthetic import instruction_stream, small_vocabulary_stream, word_bag_stream
 
 EDGE_CASES = ["", "   ", "!!!", "Hello, World!", "héllo wörld", "İstanbul", "\u212a elvin", "ｆｕｌｌ width",

@@ -7,10 +7,10 @@ import time
 import openai
 import pytest
 
-from data_gen.budget import Budget
+from alpaca_jax.llm.budget import Budget
+from alpaca_jax.llm.client import Request, Teacher, TeacherFatalError, _retry_after_seconds
+from alpaca_jax.llm.journal import Journal
 from data_gen.config import BudgetConfig, TeacherConfig
-from data_gen.journal import Journal
-from data_gen.teacher import Request, Teacher, TeacherFatalError, _retry_after_seconds
 
 
 def _teacher(server, tmp_path, **overrides):

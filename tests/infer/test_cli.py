@@ -12,7 +12,10 @@ import threading
 import time
 from pathlib import Path
 
-from alpaca_jax.infer import SamplingConfig
+import datasets
+
+from alpaca_jax.data import tokenize_dataset
+from alpaca_jax.infer import Row, SamplingConfig, decode_rows, load_model
 from alpaca_jax.respond import respond
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,6 +24,15 @@ REPO = Path(__file__).resolve().parents[2]
 def _cli(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-m", "alpaca_jax.cli", *args], cwd=REPO, env=env, **kw)
+
+
+def _training_prompt_ids(model, instruction: str, input: str) -> list[int]:  # noqa: A002
+    """Training's own tokenization of the row, cut where the loss starts (the answer)."""
+    kept, _ = tokenize_dataset(datasets.Dataset.from_list([{"instruction": instruction, "input": input,
+                                                            "output": "x"}]),
+                               model.tokenizer, model.max_len, model.add_bos, template=model.template)
+    ids, mask = list(kept["input_ids"][0]), list(kept["loss_mask"][0])
+    return [int(t) for t in ids[:mask.index(True)]]
 
 
 def test_respond_killed_and_rerun_answers_every_row_once(tmp_path, tiny_run):
@@ -49,6 +61,18 @@ def test_respond_killed_and_rerun_answers_every_row_once(tmp_path, tiny_run):
     assert by_index[120]["input"] == "x" and by_index[121]["reference"] == "w"
     assert all(r["completion_tokens"] <= 8 and isinstance(r["output"], str) for r in records)
     assert respond(tiny_run, source, out, progress=False) == 0  # nothing left to do
+    # The same file as one uninterrupted run (line order aside: rows finish in batch order) ...
+    whole = tmp_path / "uninterrupted.jsonl"
+    respond(tiny_run, source, whole, SamplingConfig(max_new_tokens=8), batch_size=4, progress=False)
+    assert by_index == {r["index"]: r for r in map(json.loads, whole.read_text().splitlines())}
+    # ... and each row's answer is that row decoded alone from the prompt training saw.
+    model = load_model(tiny_run)
+    for index in (0, 7, 60, 119, 120, 121):
+        row = rows[index] if index < 120 else {"instruction": rows[120]["instruction"],
+                                                "input": rows[120]["instances"][index - 120]["input"]}
+        ids = _training_prompt_ids(model, row["instruction"], row["input"])
+        solo = decode_rows(model, [Row(ids, SamplingConfig(max_new_tokens=8))])[0]
+        assert (by_index[index]["output"], by_index[index]["prompt_tokens"]) == (solo.text, len(ids))
 
 
 class _Reader:
@@ -62,6 +86,12 @@ class _Reader:
     def _read(self):
         while chunk := self._pipe.read1(4096):
             self.data += chunk
+
+    def wait_for_length(self, length: int, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.data.decode("utf-8", "replace")) < length:
+            assert time.monotonic() < deadline, f"output stopped at {self.data[-500:]!r}"
+            time.sleep(0.01)
 
     def wait_for(self, text: str, start: int = 0, timeout: float = 240) -> int:
         deadline = time.monotonic() + timeout
@@ -79,8 +109,7 @@ def test_chat_streams_and_ctrl_c_stops_the_answer_not_the_session(long_context_r
         at = out.wait_for(">>> ")
         process.stdin.write(b"Add 3 and 4.\n")
         process.stdin.flush()
-        while len(out.data.decode("utf-8", "replace")) < at + 20:  # the answer is streaming
-            time.sleep(0.01)
+        out.wait_for_length(at + 20)  # the answer is streaming
         process.send_signal(signal.SIGINT)
         at = out.wait_for("(stopped)", at)
         at = out.wait_for(">>> ", at)  # the session goes on

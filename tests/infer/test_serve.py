@@ -13,8 +13,11 @@ import urllib.request
 import openai
 import pytest
 
-from alpaca_jax.infer import load_model
-from alpaca_jax.infer.conversation import conversation_prompt
+import datasets
+
+from alpaca_jax.data import tokenize_dataset
+from alpaca_jax.data.templates import alpaca_prompt
+from alpaca_jax.infer import Row, SamplingConfig, decode_rows, load_model
 from alpaca_jax.serve import ServeConfig, ServerThread, make_app
 from data_gen.cli import EXIT_CODES
 
@@ -40,19 +43,30 @@ def _complete(client, prompt: str, **kw):
     return client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=8, **kw)
 
 
+def _training_prompt_ids(model, instruction: str) -> list[int]:
+    """The ids training fed before the answer: training's own tokenizer path on an Alpaca row,
+    cut where its loss mask starts (the first answer token)."""
+    kept, _ = tokenize_dataset(datasets.Dataset.from_list([{"instruction": instruction, "input": "", "output": "7"}]),
+                               model.tokenizer, model.max_len, model.add_bos)
+    ids, mask = list(kept["input_ids"][0]), list(kept["loss_mask"][0])
+    return [int(x) for x in ids[:mask.index(True)]]
+
+
 def test_completions_chat_streaming_and_not_give_the_same_text(client, tiny_model_loaded):
+    """Every endpoint's text equals `infer` decoding the prompt ids training saw (not only each other)."""
     messages = [{"role": "user", "content": "Add 3 and 4."}]
-    whole = _complete(client, conversation_prompt(messages))
-    streamed = "".join(c.choices[0].text for c in _complete(client, conversation_prompt(messages), stream=True))
+    ids = _training_prompt_ids(tiny_model_loaded, "Add 3 and 4.")
+    reference = decode_rows(tiny_model_loaded, [Row(ids, SamplingConfig(max_new_tokens=8))])[0]
+    whole = _complete(client, alpaca_prompt("Add 3 and 4."))
+    streamed = "".join(c.choices[0].text for c in _complete(client, alpaca_prompt("Add 3 and 4."), stream=True))
     chat = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=8)
     chunks = list(client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=8,
                                                  stream=True, stream_options={"include_usage": True}))
     chat_streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert whole.choices[0].text == streamed == chat.choices[0].message.content == chat_streamed
+    assert whole.choices[0].text == streamed == chat.choices[0].message.content == chat_streamed == reference.text
     assert len(whole.choices[0].text) > 0 and whole.choices[0].finish_reason == "length"
-    prompt_tokens = len(tiny_model_loaded.encode(conversation_prompt(messages)))
-    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (prompt_tokens, 8)
-    assert chunks[-1].usage.total_tokens == prompt_tokens + 8
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(ids), 8)
+    assert (chat.usage.prompt_tokens, chunks[-1].usage.total_tokens) == (len(ids), len(ids) + 8)
     assert [m.id for m in client.models.list()] == [NAME]
 
 
@@ -109,7 +123,6 @@ BAD_REQUESTS = [  # (endpoint, body, the parameter the error names, words in its
     ("completions", {"model": NAME, "prompt": 42}, "prompt", "string"),
     ("completions", {"model": NAME, "prompt": "hi", "top_p": 0}, None, "top_p"),
     ("completions", {"model": NAME, "prompt": "Café " * 300}, "prompt", "context"),
-    ("completions", {"model": "gpt-4", "prompt": "hi"}, "model", "does not exist"),
     ("completions", {"prompt": "hi"}, "model", "required"),
     ("chat/completions", {"model": NAME, "messages": "hi"}, "messages", "array"),
     ("chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, "messages", "role"),
@@ -125,9 +138,19 @@ def test_bad_requests_get_openai_style_400s(server, endpoint, body, param, words
     assert words in reply["error"]["message"]
 
 
-def test_openai_client_raises_bad_request_for_unknown_model(client):
-    with pytest.raises(openai.BadRequestError, match="does not exist"):
-        client.completions.create(model="gpt-4", prompt="hi")
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_unknown_model_gets_openais_404_model_not_found(client, server, endpoint):
+    """As OpenAI answers: HTTP 404, type invalid_request_error, code model_not_found, param model
+    (the `openai` client raises NotFoundError)."""
+    with pytest.raises(openai.NotFoundError) as caught:
+        if endpoint == "chat":
+            client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+        else:
+            client.completions.create(model="gpt-4", prompt="hi")
+    error = caught.value.body if "error" not in caught.value.body else caught.value.body["error"]
+    assert caught.value.status_code == 404
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "model_not_found", "model")
+    assert "gpt-4" in error["message"] and "does not exist" in error["message"]
 
 
 def test_disconnected_stream_leaves_the_server_healthy(client, server):
@@ -173,13 +196,12 @@ def test_generate_uses_serve_as_its_teacher(tmp_path, monkeypatch, long_context_
     assert report["this_run"]["completed"] == 3
 
 
-def test_conversations_render_with_the_training_template(tiny_model_loaded):
-    from alpaca_jax.data.templates import alpaca_prompt
-    tokenizer = tiny_model_loaded.tokenizer
-    one = [{"role": "user", "content": "Hi"}]
-    assert conversation_prompt(one) == alpaca_prompt("Hi")
-    assert conversation_prompt([{"role": "system", "content": "Be brief."}, *one]).startswith("Be brief.\n\n### Instruction:\nHi")
-    turns = [*one, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More"}]
-    assert conversation_prompt(turns).endswith("### Instruction:\nHi\n\n### Response:Hello.\n\n"
-                                               "### Instruction:\nMore\n\n### Response:")
-    assert conversation_prompt(turns, "vicuna_v1.1", tokenizer).endswith("USER: Hi ASSISTANT: Hello.</s>USER: More ASSISTANT:")
+def test_multi_turn_alpaca_is_refused_as_the_exported_template_refuses_it(server):
+    """One policy: an Alpaca run was trained on single instructions; the server refuses a
+    conversation with earlier exchanges in the words of the exported Jinja template."""
+    from alpaca_jax.data.templates import SINGLE_TURN_ONLY
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "More"}]
+    status, reply = _post(f"{server.base_url}/chat/completions", json.dumps({"model": NAME, "messages": turns}))
+    assert status == 400 and reply["error"]["param"] == "messages"
+    assert reply["error"]["message"] == SINGLE_TURN_ONLY

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 
-from data_gen.config import BudgetConfig
+from alpaca_jax.llm.config import BudgetConfig
 
 __all__ = ["Budget"]
 

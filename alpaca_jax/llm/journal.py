@@ -4,9 +4,10 @@ Every response the teacher returns is appended as one JSON line and fsync'ed bef
 uses it. The generator is a deterministic function of (config, seed pool, journal): on
 restart it replays the same rounds, finds each finished request here by its id and never sends
 it again, so after `kill -9` at any moment nothing is lost, duplicated or paid for twice.
-A kill in the middle of a write leaves at most one partial last line; `open` cuts it off.
+A kill in the middle of a write leaves at most one partial last line; `open` cuts it off
+(alpaca_jax/jsonl.py: a bad line anywhere else is an error naming file:line).
 
-Not here: what a request is or how responses are parsed (teacher.py, prompts.py).
+Not here: what a request is or how responses are parsed (client.py, data_gen/prompts.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import threading
 from pathlib import Path
 from typing import Any
+
+from alpaca_jax.jsonl import read_jsonl
 
 __all__ = ["Journal"]
 
@@ -33,24 +36,11 @@ class Journal:
         _fsync_dir(self.path.parent)
 
     def _load(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        good = 0
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break  # a write cut short by a kill: the request was not completed for us
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break
+        # A torn last line (a kill mid-write: that request was not completed for us) is cut
+        # off; a bad line before it is an error naming file:line, never a silent truncation
+        # that would drop every later, paid-for record.
+        for _, record in read_jsonl(self.path, repair=True):
             self._records[record["id"]] = record
-            good += len(line)
-        if good < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
-                f.flush()
-                os.fsync(f.fileno())
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._records

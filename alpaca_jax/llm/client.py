@@ -39,9 +39,10 @@ from typing import Any, Callable
 
 import openai
 
-from data_gen.budget import Budget
-from data_gen.config import TeacherConfig
-from data_gen.journal import Journal
+from alpaca_jax.errors import UserError
+from alpaca_jax.llm.budget import Budget
+from alpaca_jax.llm.config import TeacherConfig
+from alpaca_jax.llm.journal import Journal
 
 __all__ = ["Request", "Response", "Teacher", "TeacherFatalError", "TeacherStats", "request_id",
            "parse_completion"]
@@ -50,7 +51,7 @@ _RETRY_STATUS = {408, 409, 429}
 _FATAL = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
 
 
-class TeacherFatalError(RuntimeError):
+class TeacherFatalError(UserError, RuntimeError):
     """A teacher error no retry can fix (bad key, unknown model, wrong URL)."""
 
 
