@@ -219,8 +219,12 @@ ROWS = [
     Row("recipe-from-missing-input", ("recipe", "{tmp}/r.yaml", "--from", "train"),
         ("--from train", "stage 'train' input 'data'", "stage 'dedup' has not finished"),
         files={"r.yaml": "dir: r\ndedup: {input: in.jsonl}\ntrain: {}\n", "in.jsonl": ROW}),
-    Row("recipe-unavailable-stage", ("recipe", "{tmp}/r.yaml"), ("stage 'curate'", "not available"),
-        files={"r.yaml": "dir: r\ncurate: {}\n"}),
+    Row("recipe-curate-min-score", ("recipe", "{tmp}/r.yaml", "--status"), ("stage 'curate'", "curate.min_score"),
+        files={"r.yaml": "dir: r\ncurate: {input: r.json, min_score: 9}\n"}),
+    Row("recipe-preference-without-section", ("recipe", "{tmp}/r.yaml", "--status"),
+        ("stage 'preference'", "preference.preference"),
+        files={"r.yaml": "dir: r\ndedup: {input: in.jsonl}\ntrain: {}\npreference: {data: {train_files: [p.jsonl]}}\n",
+               "in.jsonl": ROW}),
 ]
 
 

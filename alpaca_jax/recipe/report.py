@@ -38,10 +38,13 @@ def _funnel(recipe_dir: Path, stages: tuple[str, ...]) -> list[str]:
 
 def _cost(recipe_dir: Path, stages: tuple[str, ...]) -> list[str]:
     generate = _summary(recipe_dir, "generate") if "generate" in stages else None
+    curate = _summary(recipe_dir, "curate") if "curate" in stages else None
     evaluation = _summary(recipe_dir, "eval") if "eval" in stages else None
     rows = ["| stage | cost (USD) |", "|---|---|"]
     if generate is not None:
         rows.append(f"| generate ({generate['tokens']} tokens) | {generate['cost_usd']:.4f} |")
+    if curate is not None:  # tokens of every rating in the journal, replayed ones included
+        rows.append(f"| curate judge ({curate['tokens']} tokens) | {curate['cost_usd']:.4f} |")
     if evaluation is not None:
         rows.append(f"| eval judge ({evaluation['judge_requests_sent']} requests) | "
                     f"{evaluation['judge_cost_usd']:.4f} |")
@@ -81,10 +84,11 @@ def write_report(recipe_dir: Path, stages: tuple[str, ...]) -> Path:
         lines.append(f"| {stage} | {manifest.get('status') if manifest else 'not run'} |")
     lines += ["", "## Data funnel", "", *_funnel(recipe_dir, stages), "", "## Cost", "",
               *_cost(recipe_dir, stages), "", "## Loss curves", ""]
-    if _loss_plot(recipe_dir / "train" / "run" / "metrics.jsonl", recipe_dir / "loss_train.png"):
-        lines.append("![training loss](loss_train.png)")
-    else:
-        lines.append("(no training metrics yet)")
+    curves = [(stage, f"![{label} loss](loss_{stage}.png)")
+              for stage, label in (("train", "training"), ("preference", "preference (DPO)")) if stage in stages]
+    drawn = [line for stage, line in curves
+             if _loss_plot(recipe_dir / stage / "run" / "metrics.jsonl", recipe_dir / f"loss_{stage}.png")]
+    lines += drawn or ["(no training metrics yet)"]
     lines += ["", "## Eval", ""]
     results = recipe_dir / "eval" / "results.md"
     lines.append(results.read_text(encoding="utf-8").strip() if results.is_file() else "(eval has not run)")

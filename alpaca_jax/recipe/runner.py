@@ -64,8 +64,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for name in listed:
         if name not in STAGES:
             raise _unknown_stage(name, "config key 'stages'")
-        if STAGES[name].unavailable:
-            raise RecipeError(f"stage '{name}': not available: {STAGES[name].unavailable}")
     sections = {}
     for name in listed:
         section = data.get(name) or {}
@@ -110,8 +108,8 @@ def _plan(recipe: Recipe, name: str, latest: dict[str, tuple[str, Path]]) -> _Pl
     inputs: dict[str, str | None] = {}
     for kind in stage.consumes:
         if kind not in latest:
-            if name == "dedup" and kind == "data":
-                continue  # dedup.input names the file: hashed below as an external input
+            if kind == "data" and stage.own_input:
+                continue  # the stage's `input` names the file: hashed below as an external input
             raise RecipeError(f"stage '{name}': input '{kind}': no earlier stage in the recipe writes one")
         producer, path = latest[kind]
         manifest = read_manifest(recipe.dir / producer) or {}

@@ -4,11 +4,11 @@ A `Stage` says which kinds of artifact it reads from the stages before it (`cons
 latest `data` file, the latest `model`), what it writes under `RECIPE_DIR/<stage>/`
 (`produces`), how to turn its section of the recipe into its command's own config (`build`,
 the same YAML the command takes), which files named in that config it reads (`external`), and
-how to run (`run`, which returns a summary for the report). A stage whose command is not in
-this build has only its name and the reason (`unavailable`).
+how to run (`run`, which returns a summary for the report).
 
-Stages resume on their own after a kill (the generator's journal, training checkpoints, the
-judge journal), so the runner only has to call `run` again in the same folder.
+Stages resume on their own after a kill (the generator's journal, curation's rating journal,
+training checkpoints, the judge journal), so the runner only has to call `run` again in the
+same folder.
 
 The heavy modules (JAX, the HF writer) are imported when a stage runs, not here: a recipe with
 a bad key must fail in well under a second.
@@ -19,6 +19,7 @@ Not here: deciding what runs (runner.py), manifests (manifest.py), the report (r
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -52,7 +53,7 @@ class Stage:
     external: Callable[[Any], dict[str, Path]] = lambda cfg: {}
     run: Callable[[Any, StageContext], dict] | None = None
     keep_on_change: bool = False    # keep the stage dir when config or inputs change: paid work inside
-    unavailable: str | None = None
+    own_input: bool = False         # the first data stage may name its file itself (`input`)
     # Checks that import heavy modules: run before the first stage runs, and only for the
     # stages about to run, so a rerun that skips everything stays fast.
     check: Callable[[Any], None] = lambda cfg: None
@@ -128,6 +129,55 @@ def _run_dedup(cfg: DedupStageConfig, ctx: StageContext) -> dict:
     return {"kept": len(result.kept), "dropped": len(result.dropped)}
 
 
+# -- curate ----------------------------------------------------------------------------------
+
+@functools.cache
+def _curate_config_class():
+    """`python -m data_gen curate`'s judge YAML (judge, sampling, budget) plus its two options,
+    flat: the section reads like the judge config, and a changed key is named `curate.<key>`.
+    Made on first use: importing data_gen (the OpenAI client) takes most of a second."""
+    from data_gen.config import CurateConfig
+
+    @dataclass(frozen=True)
+    class CurateStageConfig(CurateConfig):
+        min_score: float = 4.5             # keep rows the judge scores >= this (1-5), `--min-score`
+        input: str | None = None           # the data file when no earlier stage writes one
+
+        def __post_init__(self):
+            super().__post_init__()
+            if not 1.0 <= self.min_score <= 5.0:
+                raise ConfigError(f"curate.min_score must be in [1, 5], got {self.min_score}")
+
+    return CurateStageConfig
+
+
+def _build_curate(section: dict, ctx: StageContext):
+    cfg = build(_curate_config_class(), section, "curate")
+    _data_input("curate", cfg.input, ctx)
+    return cfg
+
+
+def _run_curate(cfg, ctx: StageContext) -> dict:
+    from data_gen.curate import curate_file
+    from data_gen.teacher import TeacherFatalError
+    try:
+        # The rating journal (data.journal.jsonl) stays in the stage dir: a rerun pays for no rating twice.
+        report = curate_file(_data_input("curate", cfg.input, ctx), ctx.dir / "data.json", cfg, cfg.min_score)
+    except ValueError as e:  # JSON errors and rows without instruction/output
+        raise RecipeError(f"stage 'curate': {' '.join(str(e).split())}") from None
+    except TeacherFatalError as e:
+        raise RecipeError(f"stage 'curate': {e}") from None
+    if report["not_sent"]:
+        raise RecipeError(f"stage 'curate' stopped: {report['budget_stop']}; {report['not_sent']} rows not "
+                          "rated; raise curate.budget.* and rerun")
+    if report["failed"]:
+        raise RecipeError(f"stage 'curate': {report['failed']} ratings failed after their retries (last error: "
+                          f"{report['this_run']['last_error']}); rerun to finish")
+    return {"rows": report["rows"], "kept": report["kept"], "unparseable": report["unparseable"],
+            "cost_usd": report["tokens"]["cost_usd"], "tokens": report["tokens"]["total"],
+            "requests_sent": report["this_run"]["completed"]}
+
+
 # -- train -----------------------------------------------------------------------------------
 
 def _build_train(section: dict, ctx: StageContext):
@@ -144,6 +194,32 @@ def _run_train(cfg, ctx: StageContext) -> dict:
     preflight.check_train_outputs(cfg)
     result = train(cfg)
     return {"steps": result.steps, "first_loss": result.first_loss, "last_loss": result.last_loss}
+
+
+# -- preference ------------------------------------------------------------------------------
+
+def _build_preference(section: dict, ctx: StageContext):
+    """`alpaca-jax train`'s YAML with a `preference:` section; the starting weights (and, with
+    preference.reference null, the frozen reference) are the model of the stage before."""
+    from alpaca_jax.config import config_from_dict
+    overrides = [f"run.dir={ctx.dir / 'run'}"]
+    if ctx.model is not None:
+        overrides.append(f"model.init_from={ctx.model}")
+    cfg = config_from_dict(section, overrides)
+    if cfg.preference is None:
+        raise ConfigError("config key 'preference.preference': the stage's train YAML needs a `preference:` "
+                          "section (DPO); without one it is supervised fine-tuning (the train stage)")
+    if not cfg.data.train_files:
+        raise ConfigError("config key 'preference.data.train_files': name the preference pairs file(s)")
+    return cfg
+
+
+def _preference_external(cfg) -> dict[str, Path]:
+    files = {f"data.train_files[{i}]": Path(f) for i, f in enumerate(cfg.data.train_files)}
+    files.update({f"data.eval_files[{i}]": Path(f) for i, f in enumerate(cfg.data.eval_files)})
+    if cfg.preference.reference is not None:
+        files["preference.reference"] = Path(cfg.preference.reference)
+    return files
 
 
 # -- eval ------------------------------------------------------------------------------------
@@ -225,14 +301,20 @@ def _generate_external(cfg) -> dict[str, Path]:
     return {"seed_tasks": cfg.pipeline.seed_path, "instance_demos": cfg.pipeline.instance_demos_path}
 
 
+def _own_input(cfg) -> dict[str, Path]:
+    return {"input": Path(cfg.input)} if cfg.input else {}
+
+
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("generate", produces={"data": "data.json", "report": "report.json"}, build=_build_generate,
           external=_generate_external, run=_run_generate, keep_on_change=True),
     Stage("dedup", consumes=("data",), produces={"data": "data.json"}, build=_build_dedup,
-          external=lambda cfg: {"input": Path(cfg.input)} if cfg.input else {}, run=_run_dedup),
-    Stage("curate", unavailable="`python -m data_gen curate` is not in this build"),
+          external=_own_input, run=_run_dedup, own_input=True),
+    Stage("curate", consumes=("data",), produces={"data": "data.json", "scores": "data.scores.jsonl"},
+          build=_build_curate, external=_own_input, run=_run_curate, keep_on_change=True, own_input=True),
     Stage("train", consumes=("data",), produces={"model": "run"}, build=_build_train, run=_run_train),
-    Stage("preference", unavailable="DPO (`alpaca-jax train` with a `preference:` section) is not in this build"),
+    Stage("preference", consumes=("model",), produces={"model": "run"}, build=_build_preference,
+          external=_preference_external, run=_run_train),
     Stage("eval", consumes=("model",), produces={"results": "results.json"}, build=_build_eval,
           external=lambda cfg: {"data": Path(cfg.data)}, run=_run_eval, keep_on_change=True,
           check=_judge_config),
