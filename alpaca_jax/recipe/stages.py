@@ -159,7 +159,7 @@ def _build_curate(section: dict, ctx: StageContext):
 
 def _run_curate(cfg, ctx: StageContext) -> dict:
     from data_gen.curate import curate_file
-    from data_gen.teacher import TeacherFatalError
+    from alpaca_jax.llm.client import TeacherFatalError
     try:
         # The rating journal (data.journal.jsonl) stays in the stage dir: a rerun pays for no rating twice.
         report = curate_file(_data_input("curate", cfg.input, ctx), ctx.dir / "data.json", cfg, cfg.min_score)
