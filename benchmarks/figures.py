@@ -287,13 +287,14 @@ def table_problems(text: str, results_dir: Path, file: str = "BENCHMARKS.md") ->
         if len(table.mapping) != len(table.rows):
             problems.append(Problem(file, table.start, "", f"the table has {len(table.rows)} rows but its "
                                     f"<!-- figures: --> comment maps {len(table.mapping)}"))
-        for row, row_line, (_, mapped) in zip(table.rows, table.row_lines, table.mapping):
+        for index, (row, row_line) in enumerate(zip(table.rows, table.row_lines)):
+            mapped = table.mapping[index][1] if index < len(table.mapping) else "-"  # a row with no line
             references = [] if mapped == "-" else [r for r in _split(mapped, ",") if r.strip()]
-            for index, figure in enumerate(row):
-                if index >= len(references):
+            for position, figure in enumerate(row):
+                if position >= len(references):
                     problems.append(Problem(file, figure.line, figure.text, "has no key path in the table's <!-- figures: --> comment"))
                     continue
-                problem = check_figure(figure, references[index], table.files[0] if table.files else None, results, file)
+                problem = check_figure(figure, references[position], table.files[0] if table.files else None, results, file)
                 if problem:
                     problems.append(problem)
             if len(references) > len(row):
