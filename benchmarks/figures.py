@@ -236,6 +236,7 @@ class Table:
     row_lines: list[int]
     files: tuple[str, ...] = ()          # from the mapping comment
     mapping: list[tuple[int, str]] | None = None   # (line, text) per row line of the comment
+    unclosed: int = 0                    # line of a <!-- figures: comment with no -->
 
 
 def tables(text: str) -> list[Table]:
@@ -269,6 +270,10 @@ def tables(text: str) -> list[Table]:
             if lines[k].strip():
                 mapping.append((k + 1, lines[k].strip()))
             k += 1
+        if k == len(lines):  # unclosed: would swallow every later table, so map nothing
+            found.append(Table(start, rows, row_lines, files, [], unclosed=j + 1))
+            i = j + 1
+            continue
         found.append(Table(start, rows, row_lines, files, mapping))
         i = k + 1
     return found
@@ -282,6 +287,8 @@ def table_problems(text: str, results_dir: Path, file: str = "BENCHMARKS.md") ->
             problems += [Problem(file, f.line, f.text, "has no key path: no <!-- figures: ... --> comment after its table")
                          for row in table.rows for f in row]
             continue
+        if table.unclosed:
+            problems.append(Problem(file, table.unclosed, "", "this <!-- figures: comment has no closing -->"))
         if not table.files:
             problems.append(Problem(file, table.start, "", "the table's <!-- figures: --> comment names no JSON file"))
         if len(table.mapping) != len(table.rows):

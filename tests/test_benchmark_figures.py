@@ -101,9 +101,20 @@ def test_an_unmapped_figure_or_a_missing_key_path_is_reported(tmp_path):
         "<!-- figures: run.json",
         "ours.tokens_per_second",            # the second row has no line
         "-->",
+        "",
+        "| unclosed | a |",
+        "|---|---|",
+        "| one | 597 |",
+        "<!-- figures: run.json",
+        "ours.tokens_per_second",
+        "",
+        "| a later table is still checked | 597 |",
+        "|---|---|",
+        "| x | 597 |",
     ])
     problems = figures.table_problems(text, tmp_path)
-    assert _where(problems) == [(3, "1.60"), (4, "31,653"), (13, "597"), (15, ""), (18, "1.60")]
+    assert _where(problems) == [(3, "1.60"), (4, "31,653"), (13, "597"), (15, ""), (18, "1.60"),
+                                (26, ""), (23, ""), (25, "597"), (31, "597")]
     assert "has no key path" in str(problems[0]) and "'kept_rows' is not a key path in run.json" in str(problems[1])
     assert "no <!-- figures" in str(problems[2]) and "has 2 rows but" in str(problems[3])
 
