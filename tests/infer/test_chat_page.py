@@ -6,6 +6,7 @@ healthy, a wrong API key shows the server's error, and `--no-ui` turns the page 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import urllib.error
 import urllib.request
@@ -58,8 +59,12 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def page(tiny_model_loaded, browser):
-    """The page of one server (reused by every test here) open in the module's browser."""
-    recorder = Recorder(make_app(tiny_model_loaded, ServeConfig(model_name=NAME)))
+    """The page of one server (reused by every test here) open in the module's browser. A chat
+    page holds conversations, and an Alpaca run answers one instruction (a second exchange is a
+    400, data/prompt.py), so the served model is a multi-turn one: the same weights with Koala's
+    template (its preamble is short enough for the tiny context), sharing the decode compiles."""
+    model = dataclasses.replace(tiny_model_loaded, template="koala")
+    recorder = Recorder(make_app(model, ServeConfig(model_name=NAME)))
     with ServerThread(recorder) as running:
         running.recorder = recorder
         running.root = f"http://127.0.0.1:{running.port}/"
