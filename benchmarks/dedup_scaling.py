@@ -41,6 +41,8 @@ SHARED = REPO.parent / "shared" / "data"
 def _baseline(commit: str):
     source = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:data_gen/dedup.py"],
                             check=True, capture_output=True, text=True).stdout
+    # ROUGE moved from data_gen/rouge.py to alpaca_jax/llm/rouge.py (same functions, unchanged).
+    source = source.replace("from data_gen.rouge import", "from alpaca_jax.llm.rouge import")
     path = Path("/tmp") / f"dedup_baseline_{commit}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(f"dedup_baseline_{commit}", path)

@@ -176,6 +176,11 @@ def test_tiny_recipe_runs_end_to_end(runs):
     with safe_open(recipe_dir / "export" / "hf" / "model.safetensors", "numpy") as f:
         assert "model.embed_tokens.weight" in f.keys()
     assert json.loads((recipe_dir / "export" / "hf" / "config.json").read_text())["hidden_size"] == 64
+    # export.gguf: llama.cpp's own reader (the gguf package) opens the file as a 64-wide LLaMA.
+    from gguf import GGUFReader
+    fields = GGUFReader(recipe_dir / "export" / "gguf" / "model-f32.gguf").fields
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert int(fields["llama.embedding_length"].parts[-1][0]) == 64
     report = (recipe_dir / "report.md").read_text()
     assert f"| kept by dedup | {len(deduped)} |" in report and f"| kept by curation | {len(curated)} |" in report
     assert "![training loss](loss_train.png)" in report and (recipe_dir / "loss_train.png").read_bytes()[:4] == b"\x89PNG"

@@ -270,28 +270,30 @@ def _run_eval(cfg: EvalStageConfig, ctx: StageContext) -> dict:
 
 @dataclass(frozen=True)
 class ExportStageConfig:
-    """`alpaca-jax export-hf`'s options (and export-gguf's, where that command exists)."""
+    """`alpaca-jax export-hf`'s options, and export-gguf's type."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # written dtype; null = the run's model.param_dtype
     max_shard_size: str = "5GiB"           # largest safetensors file
     merge: bool = False                    # LoRA runs: fold the adapters into the weights
-    gguf: str | None = None                # also write OUT.gguf of this type (needs `alpaca-jax export-gguf`)
+    # also write gguf/model-<type>.gguf for llama.cpp (`alpaca-jax export-gguf --type`); null: none
+    gguf: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] | None = None
 
     def __post_init__(self):
         parse_bytes(self.max_shard_size)
 
 
 def _build_export(section: dict, ctx: StageContext) -> ExportStageConfig:
-    cfg = build(ExportStageConfig, section, "export")
-    if cfg.gguf is not None:
-        raise ConfigError("config key 'export.gguf': GGUF export (`alpaca-jax export-gguf`) "
-                          "is not in this build")
-    return cfg
+    return build(ExportStageConfig, section, "export")
 
 
 def _run_export(cfg: ExportStageConfig, ctx: StageContext) -> dict:
     from alpaca_jax.hf import export_hf
     export_hf(ctx.model, ctx.dir / "hf", dtype=cfg.dtype, max_shard_size=parse_bytes(cfg.max_shard_size),
               merge=cfg.merge)
+    # Always made, so the stage's outputs are the same two folders whether or not GGUF is asked for.
+    (ctx.dir / "gguf").mkdir(exist_ok=True)
+    if cfg.gguf is not None:
+        from alpaca_jax.gguf_export import export_gguf  # LoRA runs are merged, as export-gguf does
+        export_gguf(ctx.model, ctx.dir / "gguf" / f"model-{cfg.gguf}.gguf", type=cfg.gguf)
     return {}
 
 
@@ -318,6 +320,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("eval", consumes=("model",), produces={"results": "results.json"}, build=_build_eval,
           external=lambda cfg: {"data": Path(cfg.data)}, run=_run_eval, keep_on_change=True,
           check=_judge_config),
-    Stage("export", consumes=("model",), produces={"hf": "hf"}, build=_build_export, run=_run_export),
+    Stage("export", consumes=("model",), produces={"hf": "hf", "gguf": "gguf"}, build=_build_export,
+          run=_run_export),
 )}
 ORDER = tuple(STAGES)
