@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from typing import Any, Callable
 
-from alpaca_jax.llm.budget import Budget
+from alpaca_jax.llm.budget import Budget, cap_reached
 from data_gen.config import BudgetConfig, GenerateConfig, MemberConfig
 from alpaca_jax.llm.journal import Journal
 from data_gen.judging import best_of_prompt, parse_best
@@ -130,16 +130,7 @@ class CommitteeBudget:
             return self._exhausted(0)
 
     def _exhausted(self, in_flight: int) -> str | None:
-        cap = self.config.max_requests
-        if cap is not None and self.requests + in_flight >= cap:
-            return f"request budget reached ({self.requests} >= {cap})"
-        cap = self.config.max_tokens
-        if cap is not None and self.total_tokens >= cap:
-            return f"token budget reached ({self.total_tokens} >= {cap})"
-        cap = self.config.max_cost_usd
-        if cap is not None and self.cost_usd >= cap:
-            return f"cost budget reached (${self.cost_usd:.4f} >= ${cap})"
-        return None
+        return cap_reached(self.config, self.requests, in_flight, self.total_tokens, self.cost_usd)
 
 
 class _Share:

@@ -15,7 +15,7 @@ import threading
 
 from alpaca_jax.llm.config import BudgetConfig
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "cap_reached"]
 
 
 class Budget:
@@ -69,13 +69,16 @@ class Budget:
             return self._exhausted(0)
 
     def _exhausted(self, in_flight: int) -> str | None:
-        cap_requests = self.config.max_requests
-        if cap_requests is not None and self.requests + in_flight >= cap_requests:
-            return f"request budget reached ({self.requests} >= {cap_requests})"
-        cap = self.config.max_tokens
-        if cap is not None and self.total_tokens >= cap:
-            return f"token budget reached ({self.total_tokens} >= {cap})"
-        cap_usd = self.config.max_cost_usd
-        if cap_usd is not None and self.cost_usd >= cap_usd:
-            return f"cost budget reached (${self.cost_usd:.4f} >= ${cap_usd})"
-        return None
+        return cap_reached(self.config, self.requests, in_flight, self.total_tokens, self.cost_usd)
+
+
+def cap_reached(config: BudgetConfig, requests: int, in_flight: int, total_tokens: int,
+                cost_usd: float) -> str | None:
+    """Which cap of `config` the counts reach (requests in flight count as sent), or None."""
+    if config.max_requests is not None and requests + in_flight >= config.max_requests:
+        return f"request budget reached ({requests} >= {config.max_requests})"
+    if config.max_tokens is not None and total_tokens >= config.max_tokens:
+        return f"token budget reached ({total_tokens} >= {config.max_tokens})"
+    if config.max_cost_usd is not None and cost_usd >= config.max_cost_usd:
+        return f"cost budget reached (${cost_usd:.4f} >= ${config.max_cost_usd})"
+    return None
