@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from typing import Any, Callable
 
-from alpaca_jax.llm.budget import Budget, cap_reached
+from alpaca_jax.llm.budget import Budget, CapGate
 from data_gen.config import BudgetConfig, GenerateConfig, MemberConfig
 from alpaca_jax.llm.journal import Journal
 from data_gen.judging import best_of_prompt, parse_best
@@ -99,38 +99,18 @@ def row_provenance(teacher: Any, keys: dict[str, str]) -> dict[str, Any]:
     return {"provenance": {stage: teacher.provenance.get(key) for stage, key in keys.items()}}
 
 
-class CommitteeBudget:
+class CommitteeBudget(CapGate):
     """The total caps (`budget.*`) over the teachers' own budgets, which hold the counts."""
 
     def __init__(self, config: BudgetConfig, members: dict[str, Budget]):
-        self.config = config
+        super().__init__(config)
         self.members = members
-        self._in_flight = 0
-        self._lock = threading.Lock()
 
     prompt_tokens = property(lambda self: sum(b.prompt_tokens for b in self.members.values()))
     completion_tokens = property(lambda self: sum(b.completion_tokens for b in self.members.values()))
     requests = property(lambda self: sum(b.requests for b in self.members.values()))
     total_tokens = property(lambda self: self.prompt_tokens + self.completion_tokens)
     cost_usd = property(lambda self: sum(b.cost_usd for b in self.members.values()))
-
-    def reserve(self) -> bool:
-        with self._lock:
-            if self._exhausted(self._in_flight) is not None:
-                return False
-            self._in_flight += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-
-    def exhausted(self) -> str | None:
-        with self._lock:
-            return self._exhausted(0)
-
-    def _exhausted(self, in_flight: int) -> str | None:
-        return cap_reached(self.config, self.requests, in_flight, self.total_tokens, self.cost_usd)
 
 
 class _Share:

@@ -15,30 +15,17 @@ import threading
 
 from alpaca_jax.llm.config import BudgetConfig
 
-__all__ = ["Budget", "cap_reached"]
+__all__ = ["CapGate", "Budget"]
 
 
-class Budget:
-    def __init__(self, config: BudgetConfig, model: str):
+class CapGate:
+    """The caps of a `BudgetConfig` over counts a subclass provides (`requests`, `total_tokens`,
+    `cost_usd`), and the reservations that keep concurrent senders under `max_requests`."""
+
+    def __init__(self, config: BudgetConfig):
         self.config = config
-        self.model = model
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.requests = 0          # completed requests, replayed ones included
         self._in_flight = 0        # requests claimed by `reserve` and not yet recorded or released
         self._lock = threading.Lock()
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @property
-    def cost_usd(self) -> float:
-        price = self.config.prices.get(self.model)
-        if price is None:
-            return 0.0
-        return (self.prompt_tokens * price.prompt_per_million
-                + self.completion_tokens * price.completion_per_million) / 1e6
 
     def reserve(self) -> bool:
         """Claim one request before sending it; False once a cap is reached.
@@ -56,29 +43,45 @@ class Budget:
         with self._lock:
             self._in_flight -= 1
 
-    def record(self, prompt_tokens: int, completion_tokens: int, reserved: bool = False) -> None:
-        with self._lock:
-            self.prompt_tokens += prompt_tokens
-            self.completion_tokens += completion_tokens
-            self.requests += 1
-            self._in_flight -= reserved
-
     def exhausted(self) -> str | None:
         """Why no further request may be sent, or None while within budget."""
         with self._lock:
             return self._exhausted(0)
 
     def _exhausted(self, in_flight: int) -> str | None:
-        return cap_reached(self.config, self.requests, in_flight, self.total_tokens, self.cost_usd)
+        config, requests, tokens, cost = self.config, self.requests, self.total_tokens, self.cost_usd
+        if config.max_requests is not None and requests + in_flight >= config.max_requests:
+            return f"request budget reached ({requests} >= {config.max_requests})"
+        if config.max_tokens is not None and tokens >= config.max_tokens:
+            return f"token budget reached ({tokens} >= {config.max_tokens})"
+        if config.max_cost_usd is not None and cost >= config.max_cost_usd:
+            return f"cost budget reached (${cost:.4f} >= ${config.max_cost_usd})"
+        return None
 
 
-def cap_reached(config: BudgetConfig, requests: int, in_flight: int, total_tokens: int,
-                cost_usd: float) -> str | None:
-    """Which cap of `config` the counts reach (requests in flight count as sent), or None."""
-    if config.max_requests is not None and requests + in_flight >= config.max_requests:
-        return f"request budget reached ({requests} >= {config.max_requests})"
-    if config.max_tokens is not None and total_tokens >= config.max_tokens:
-        return f"token budget reached ({total_tokens} >= {config.max_tokens})"
-    if config.max_cost_usd is not None and cost_usd >= config.max_cost_usd:
-        return f"cost budget reached (${cost_usd:.4f} >= ${config.max_cost_usd})"
-    return None
+class Budget(CapGate):
+    def __init__(self, config: BudgetConfig, model: str):
+        super().__init__(config)
+        self.model = model
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.requests = 0          # completed requests, replayed ones included
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def cost_usd(self) -> float:
+        price = self.config.prices.get(self.model)
+        if price is None:
+            return 0.0
+        return (self.prompt_tokens * price.prompt_per_million
+                + self.completion_tokens * price.completion_per_million) / 1e6
+
+    def record(self, prompt_tokens: int, completion_tokens: int, reserved: bool = False) -> None:
+        with self._lock:
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
+            self.requests += 1
+            self._in_flight -= reserved

@@ -22,10 +22,9 @@ import jax.numpy as jnp
 import optax
 
 from alpaca_jax.config import PreferenceConfig
-from alpaca_jax.train.loss import chunked_token_cross_entropy, token_cross_entropy
 from alpaca_jax.train.preference_loss import pair_losses, pair_metric_sums
 from alpaca_jax.train.state import TrainState
-from alpaca_jax.train.step import model_variables
+from alpaca_jax.train.step import model_variables, token_losses
 
 
 def segment_sums(values: jax.Array, segment_ids: jax.Array, slots: int) -> jax.Array:
@@ -36,13 +35,7 @@ def segment_sums(values: jax.Array, segment_ids: jax.Array, slots: int) -> jax.A
 
 def sequence_logps(model, variables, batch, slots: int, rng=None, loss_chunk: int | None = None) -> jax.Array:
     """Summed log-prob of the scored tokens of every segment: [B, 2*slots] (fp32)."""
-    rngs = {} if rng is None else {"dropout": rng}
-    inputs = (batch["input_ids"], batch["positions"], batch["segment_ids"])
-    if loss_chunk is None:
-        nll = token_cross_entropy(model.apply(variables, *inputs, rngs=rngs), batch["targets"])
-    else:
-        hidden, head = model.apply(variables, *inputs, return_hidden=True, rngs=rngs)
-        nll = chunked_token_cross_entropy(hidden, head, batch["targets"], loss_chunk)
+    nll = token_losses(model, variables, batch, rng, loss_chunk)
     return segment_sums(-nll * batch["loss_mask"], batch["segment_ids"], slots)
 
 

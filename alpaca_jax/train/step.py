@@ -18,7 +18,7 @@ from alpaca_jax.model.lora import COLLECTION as LORA_COLLECTION
 from alpaca_jax.train.loss import chunked_token_cross_entropy, token_cross_entropy
 from alpaca_jax.train.state import TrainState
 
-__all__ = ["summed_loss", "loss_and_grads", "train_step", "token_cross_entropy"]
+__all__ = ["summed_loss", "token_losses", "loss_and_grads", "train_step", "token_cross_entropy"]
 
 
 def model_variables(params, base=None) -> dict:
@@ -32,15 +32,19 @@ def summed_loss(params, model, batch, base=None, rng=None, loss_chunk: int | Non
     `base`: the frozen LoRA base when `params` are adapters; `rng`: the adapters' dropout key;
     `loss_chunk` tokens at a time through the memory-lean loss, or None for the plain one.
     """
+    losses = token_losses(model, model_variables(params, base), batch, rng, loss_chunk)
+    return jnp.sum(losses * batch["loss_mask"])
+
+
+def token_losses(model, variables, batch, rng=None, loss_chunk: int | None = None) -> jax.Array:
+    """[B, T] cross-entropy of every target token (masking is the caller's), through the plain
+    loss or, with `loss_chunk`, the memory-lean chunked one; `rng` is the dropout key."""
     rngs = {} if rng is None else {"dropout": rng}
-    variables = model_variables(params, base)
     inputs = (batch["input_ids"], batch["positions"], batch["segment_ids"])
     if loss_chunk is None:
-        losses = token_cross_entropy(model.apply(variables, *inputs, rngs=rngs), batch["targets"])
-    else:
-        hidden, head = model.apply(variables, *inputs, return_hidden=True, rngs=rngs)
-        losses = chunked_token_cross_entropy(hidden, head, batch["targets"], loss_chunk)
-    return jnp.sum(losses * batch["loss_mask"])
+        return token_cross_entropy(model.apply(variables, *inputs, rngs=rngs), batch["targets"])
+    hidden, head = model.apply(variables, *inputs, return_hidden=True, rngs=rngs)
+    return chunked_token_cross_entropy(hidden, head, batch["targets"], loss_chunk)
 
 
 def loss_and_grads(params, model, batch, base=None, rng=None, loss_chunk: int | None = None):
