@@ -164,7 +164,7 @@ _OTHER_MESH = textwrap.dedent("""
     from alpaca_jax.checkpoint import Checkpointer
     from alpaca_jax.config import load_config
     from alpaca_jax.model import logical_axes
-    from alpaca_jax.train.loop import _abstract_state
+    from alpaca_jax.train.step_loop import abstract_state
     from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
     from alpaca_jax.train.state import state_shardings
     run_dir, out = sys.argv[1], sys.argv[2]
@@ -173,7 +173,7 @@ _OTHER_MESH = textwrap.dedent("""
     optimizer = make_optimizer(cfg.optimizer, learning_rate_schedule(cfg.optimizer, 10), logical_axes(cfg.model))
     shardings = state_shardings(cfg.model, optimizer, mesh, cfg.mesh.rules)
     manager = Checkpointer(run_dir, cfg.checkpoint)
-    state, meta = manager.restore(manager.latest_step(), _abstract_state(cfg, optimizer, shardings))
+    state, meta = manager.restore(manager.latest_step(), abstract_state(cfg, optimizer, shardings))
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     np.savez(out, **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves})
     wq = state.params["layers"]["attention"]["wq"]
@@ -188,7 +188,7 @@ def test_restore_onto_a_different_mesh(resumed_and_reference, tmp_path):
     and optimizer-state leaf equals the one-device restore exactly."""
     from alpaca_jax import sharding
     from alpaca_jax.model import logical_axes
-    from alpaca_jax.train.loop import _abstract_state
+    from alpaca_jax.train.step_loop import abstract_state
     from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
     from alpaca_jax.train.state import state_shardings
 
@@ -208,7 +208,7 @@ def test_restore_onto_a_different_mesh(resumed_and_reference, tmp_path):
     optimizer = make_optimizer(cfg.optimizer, learning_rate_schedule(cfg.optimizer, 10), logical_axes(cfg.model))
     shardings = state_shardings(cfg.model, optimizer, mesh, cfg.mesh.rules)
     manager = Checkpointer(reference_dir, cfg.checkpoint, read_only=True)
-    state, _ = manager.restore(manager.latest_step(), _abstract_state(cfg, optimizer, shardings))
+    state, _ = manager.restore(manager.latest_step(), abstract_state(cfg, optimizer, shardings))
     expected = {jax.tree_util.keystr(path): np.asarray(leaf)
                 for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
     with np.load(out) as restored:

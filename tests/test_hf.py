@@ -258,7 +258,7 @@ def _run_cfg(tmp_path, hf_dir, **model):
 def test_init_from_places_the_hf_weights_in_the_train_state(tmp_path, hf_source, via_import):
     from alpaca_jax import sharding
     from alpaca_jax.model import logical_axes
-    from alpaca_jax.train.loop import _initial_state
+    from alpaca_jax.train.step_loop import initial_state
     from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
     from alpaca_jax.train.state import state_shardings
     source = hf_source
@@ -268,7 +268,7 @@ def test_init_from_places_the_hf_weights_in_the_train_state(tmp_path, hf_source,
     mesh = sharding.make_mesh(cfg.mesh)
     optimizer = make_optimizer(cfg.optimizer, learning_rate_schedule(cfg.optimizer, 10), logical_axes(cfg.model))
     shardings = state_shardings(cfg.model, optimizer, mesh, cfg.mesh.rules)
-    state = _initial_state(cfg, optimizer, shardings)
+    state = initial_state(cfg, optimizer, shardings)
     expected = load_file(hf_source / "model.safetensors")
     wq = np.asarray(state.params["layers"]["attention"]["wq"][1])  # [D, N, H]
     np.testing.assert_array_equal(wq.reshape(32, -1).T, expected["model.layers.1.self_attn.q_proj.weight"].numpy())
@@ -289,9 +289,9 @@ def test_init_from_with_a_mismatched_shape_names_the_field(tmp_path, hf_source):
 
 
 def test_init_from_brings_its_tokenizer(tmp_path, hf_source):
-    from alpaca_jax.train.loop import _with_pretrained_tokenizer
+    from alpaca_jax.train.step_loop import with_pretrained_tokenizer
     with_tokenizer = tmp_path / "with_tokenizer"
     shutil.copytree(hf_source, with_tokenizer)
     train_bpe_tokenizer(["a b c d"] * 10, 97, 1).save_pretrained(str(with_tokenizer))
-    assert _with_pretrained_tokenizer(_run_cfg(tmp_path, with_tokenizer)).tokenizer.path == str(with_tokenizer)
-    assert _with_pretrained_tokenizer(_run_cfg(tmp_path, hf_source)).tokenizer.path is None
+    assert with_pretrained_tokenizer(_run_cfg(tmp_path, with_tokenizer)).tokenizer.path == str(with_tokenizer)
+    assert with_pretrained_tokenizer(_run_cfg(tmp_path, hf_source)).tokenizer.path is None

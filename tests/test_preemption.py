@@ -19,7 +19,7 @@ from alpaca_jax.config import config_from_dict
 from alpaca_jax.configlib import ConfigError
 from alpaca_jax.data import BatchIterator
 from alpaca_jax.train import read_metrics, train
-from alpaca_jax.train.loop import _extend_to_max_steps
+from alpaca_jax.train.step_loop import extend_to_max_steps
 from conftest import REPO
 from helpers import random_examples
 
@@ -128,11 +128,11 @@ def test_max_steps_beyond_the_epochs_adds_epochs():
     ids, masks = random_examples(np.random.default_rng(0), [20] * 10, 97)
     iterator = BatchIterator(ids, masks, batch_size=2, seq_len=32, seed=0, num_epochs=1, pad_id=0)
     one_pass = iterator.total_steps()
-    assert _extend_to_max_steps(iterator, 3 * one_pass + 1) == 3 * one_pass + 1
+    assert extend_to_max_steps(iterator, 3 * one_pass + 1) == 3 * one_pass + 1
     assert iterator.num_epochs == 4
     batches = list(iterator)
     assert len(batches) >= 3 * one_pass + 1  # the loop never runs out of data before max_steps
-    assert _extend_to_max_steps(iterator, 2) == 2  # fewer steps cut the run short
+    assert extend_to_max_steps(iterator, 2) == 2  # fewer steps cut the run short
 
 
 def test_a_checkpoint_save_that_fails_mid_run_stops_the_run(tmp_path):

@@ -2,7 +2,7 @@
 
 from alpaca_jax.train.loss import chunked_loss_rule, chunked_token_cross_entropy
 from alpaca_jax.train.entry import train
-from alpaca_jax.train.loop import TrainingError, TrainResult
+from alpaca_jax.train.step_loop import TrainingError, TrainResult
 from alpaca_jax.train.metrics import read_metrics
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.preemption import Interrupted

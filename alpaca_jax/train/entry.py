@@ -4,7 +4,7 @@ has a `preference:` section. Not here: either loop (loop.py, preference_loop.py)
 from __future__ import annotations
 
 from alpaca_jax.config import Config
-from alpaca_jax.train.loop import TrainResult
+from alpaca_jax.train.step_loop import TrainResult
 from alpaca_jax.train.loop import train as train_sft
 from alpaca_jax.train.preference_loop import train_preference
 

@@ -10,16 +10,14 @@ import dataclasses
 import functools
 import json
 import logging
-import math
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from alpaca_jax import distributed, sharding
-from alpaca_jax.checkpoint import Checkpointer, abstract_like, truncate_metrics
+from alpaca_jax import sharding
+from alpaca_jax.checkpoint import Checkpointer
 from alpaca_jax.config import Config, save_config
 from alpaca_jax.data import (BatchIterator, chat_template, corpus_texts, get_tokenizer, load_sources, special_ids,
                              tokenize_sources)
@@ -27,36 +25,19 @@ from alpaca_jax.data.conversations import read_conversations
 from alpaca_jax.data.records import resolve_data_path
 from alpaca_jax.data.split import split_sources
 from alpaca_jax.data.tokenize import tokenize_conversations
-from alpaca_jax.errors import UserError
-from alpaca_jax.hf import load_pretrained, pretrained_tokenizer_dir
 from alpaca_jax.model import Llama
-from alpaca_jax.preflight import check_resume_config, check_train_outputs
 from alpaca_jax.train import adapters
 from alpaca_jax.train.evaluate import eval_batches, eval_step, mean_eval_loss
 from alpaca_jax.train.loss import run_loss_chunk
 from alpaca_jax.train.metrics import MetricsWriter
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.plan import parameter_report, plan_memory
-from alpaca_jax.train.preemption import Interrupted, StopRequest
-from alpaca_jax.train.state import TrainState, create_train_state, fresh_train_state, state_shardings
+from alpaca_jax.train.state import TrainState, state_shardings
 from alpaca_jax.train.step import train_step
+from alpaca_jax.train.step_loop import (StepRecipe, TrainingError, TrainResult, extend_to_max_steps,
+                                        run_in_directory, run_steps, start_or_resume, to_global)
 
 log = logging.getLogger("alpaca_jax")
-
-
-class TrainingError(UserError, RuntimeError):
-    """The run cannot go on (e.g. the loss became NaN); the message says why, in one line."""
-
-
-@dataclasses.dataclass
-class TrainResult:
-    run_dir: Path
-    steps: int
-    first_loss: float
-    last_loss: float
-    state: object
-    eval_loss: float | None = None   # mean held-out loss after the last step; None without a held-out set
-    base: object = None              # LoRA: the frozen base the adapters were trained on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,102 +99,29 @@ def _loss_masks(masks, train_on_inputs: bool):
     return [np.ones_like(m) for m in masks] if train_on_inputs else masks
 
 
-def _to_global(batch: dict[str, np.ndarray], accum: int, global_batch: int, batch_sh):
-    """Process-local [b, T] rows -> global [A, B/A, T] arrays placed on the mesh."""
-    out = {}
-    for key, local in batch.items():
-        local = local.reshape(accum, local.shape[0] // accum, local.shape[1])
-        global_shape = (accum, global_batch // accum, local.shape[2])
-        out[key] = jax.make_array_from_process_local_data(batch_sh, local, global_shape)
-    return out
-
-
-def _with_pretrained_tokenizer(cfg: Config) -> Config:
-    """`model.init_from` weights come with their tokenizer: use it unless one is configured."""
-    if cfg.model.init_from is None or cfg.tokenizer.path is not None:
-        return cfg
-    tokenizer_dir = pretrained_tokenizer_dir(cfg.model.init_from)
-    if tokenizer_dir is None:
-        return cfg
-    return dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(tokenizer_dir)))
-
-
-def _initial_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState:
-    """Step 0: random init, or `model.init_from` weights with a fresh optimizer state (with
-    LoRA: fresh or `lora.init_from` adapters)."""
-    if cfg.lora is not None:
-        return jax.jit(lambda p: fresh_train_state(p, optimizer), out_shardings=shardings,
-                       donate_argnums=0)(adapters.initial_adapters(cfg, shardings.params))
-    if cfg.model.init_from is None:
-        return create_train_state(cfg.model, optimizer, jax.random.key(cfg.train.seed), shardings)
-    params = load_pretrained(cfg.model.init_from, cfg.model, shardings.params)
-    log.info("initialised the model from %s", cfg.model.init_from)
-    return jax.jit(lambda p: fresh_train_state(p, optimizer), out_shardings=shardings,
-                   donate_argnums=0)(params)
-
-
-def _abstract_state(cfg: Config, optimizer, shardings: TrainState) -> TrainState:
-    """The state's shapes and placements, for restoring a checkpoint onto this mesh."""
-    shapes = jax.eval_shape(lambda p: fresh_train_state(p, optimizer), adapters.trainable_layout(cfg)[0])
-    return abstract_like(shapes, shardings)
-
-
-def _extend_to_max_steps(iterator: BatchIterator, max_steps: int | None) -> int:
-    """The run's length. `train.max_steps` overrides `train.num_epochs` as in HF Trainer: fewer
-    steps cut the last epoch short, more steps add epochs (each a fresh shuffle) until covered."""
-    if max_steps is None:
-        return iterator.total_steps()
-    planned = iterator.num_epochs
-    while iterator.total_steps() < max_steps:
-        iterator.num_epochs += 1
-    if iterator.num_epochs > planned:
-        log.info("train.max_steps=%d is more than train.num_epochs=%d cover; training %d epochs",
-                 max_steps, planned, iterator.num_epochs)
-    return max_steps
-
-
-def _window_to_json(window: list[dict]) -> list[dict]:
-    """Per-step metrics not yet logged, as JSON that restores to the same numpy values: a run
-    stopped between log steps resumes its log window, and logs the same means bit for bit."""
-    fetched = jax.device_get(window)
-    return [{key: [np.asarray(value).item(), np.asarray(value).dtype.name] for key, value in m.items()}
-            for m in fetched]
-
-
-def _window_from_json(saved: list[dict]) -> list[dict]:
-    return [{key: np.asarray(value, dtype) for key, (value, dtype) in m.items()} for m in saved]
-
-
 def train(cfg: Config, devices=None) -> TrainResult:
     """Run (or resume) the configured training. SIGTERM or SIGINT (Ctrl-C) during the steps
     saves a checkpoint of the last finished step and raises `Interrupted`."""
-    check_train_outputs(cfg)
-    distributed.initialize(cfg.distributed)
-    cfg = _with_pretrained_tokenizer(cfg)
-    run_dir = cfg.run.path
-    is_main = jax.process_index() == 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpointer(run_dir, cfg.checkpoint)
-    try:  # closed on every exit: an open manager's threads print tracebacks at interpreter exit
-        return _train(cfg, devices, run_dir, is_main, checkpoints)
-    finally:
-        checkpoints.close()  # an async save in flight commits before we return
+    return run_in_directory(cfg, functools.partial(_train, devices=devices))
 
 
-def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpointer) -> TrainResult:
-    resume_step = checkpoints.latest_step()
-    if resume_step is not None and not cfg.train.resume:
-        raise TrainingError(f"{run_dir} already has a checkpoint (step {resume_step}) and "
-                            f"train.resume=false; choose another run.dir or allow resuming")
-    if resume_step is not None:
-        check_resume_config(run_dir, cfg, resume_step, keep_old=is_main)
+def _summarize(fetched: list[dict]) -> tuple[dict, dict[str, int]]:
+    """A metrics.jsonl record's fields from the steps since the last: the mean loss per step."""
+    fields = {"loss": float(np.mean([m["loss"] for m in fetched])),
+              "learning_rate": float(fetched[-1]["learning_rate"]), "grad_norm": float(fetched[-1]["grad_norm"])}
+    return fields, {"tokens_seen": int(sum(m["tokens"] for m in fetched)),
+                    "loss_tokens_seen": int(sum(m["loss_tokens"] for m in fetched))}
+
+
+def _train(cfg: Config, run_dir: Path, is_main: bool, checkpoints: Checkpointer, resume_step: int | None,
+           devices=None) -> TrainResult:
     mesh = sharding.make_mesh(cfg.mesh, devices)  # before the data: a bad mesh or batch fails fast
     sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, dict(mesh.shape), cfg.mesh.rules)
 
     iterator, tokenizer, stats, per_source, held_out = build_batches(cfg, run_dir)
     if is_main:  # after the data loaded: a run stopped by a bad row leaves no config behind
         save_config(cfg, run_dir / "config.yaml")
-    total_steps = _extend_to_max_steps(iterator, cfg.train.max_steps)
+    total_steps = extend_to_max_steps(iterator, cfg.train.max_steps)
     log.info("data: %d examples, %d kept, %d truncated to %d tokens, %d split, %d dropped (prompt too "
              "long); %d tokens, %d in the loss; packing efficiency %.1f%%; %d steps",
              stats.examples, stats.kept, stats.truncated, cfg.data.max_len, stats.split, stats.dropped,
@@ -228,18 +136,9 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
     if cfg.lora is not None:
         base_sh = adapters.base_shardings(cfg.model, cfg.lora, mesh, rules)
         base = adapters.frozen_base(cfg, base_sh)
-    resumed: dict = {}
-    if resume_step is None:
-        state = _initial_state(cfg, optimizer, shardings)
-    else:
-        state, resumed = checkpoints.restore(resume_step, _abstract_state(cfg, optimizer, shardings))
-        iterator.restore(resumed["data"])
-        if is_main:
-            truncate_metrics(run_dir, resume_step)  # the steps after it are about to be redone
-        log.info("resumed from checkpoint %s (step %d of %d)", checkpoints.directory / str(resume_step),
-                 resume_step, total_steps)
+    state, resumed = start_or_resume(cfg, optimizer, shardings, checkpoints, resume_step, iterator, run_dir,
+                                     is_main, total_steps)
     batch_sh = sharding.batch_sharding(mesh, rules, leading=1)
-    base_args = () if base is None else (base,)
     loss_chunk, loss_reason = run_loss_chunk(cfg, dict(mesh.shape))
     log.info("loss: %s", loss_reason)
     model = Llama(cfg.model, cfg.lora, sharding.attention_layout(mesh, rules))  # fused attention per device
@@ -254,87 +153,27 @@ def _train(cfg: Config, devices, run_dir, is_main: bool, checkpoints: Checkpoint
     summary = {"tokenize": dataclasses.asdict(stats), "sources": per_source,
                "packing_efficiency": iterator.packing_efficiency(),
                "total_steps": total_steps, "devices": len(mesh.devices.flat)}
-    first_loss, last_loss = resumed.get("first_loss", math.nan), resumed.get("last_loss", math.nan)
-    eval_loss = None
-    window = _window_from_json(resumed.get("window", []))  # steps since the last log line
-    tokens_seen, loss_tokens_seen = resumed.get("tokens_seen", 0), resumed.get("loss_tokens_seen", 0)
-    start_step = resume_step or 0
-    window_start = time.perf_counter()
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (cfg.train.progress_bar and is_main))
-    stop = StopRequest.install()
-    try:
-        for step in range(start_step + 1, total_steps + 1):
-            batch = _to_global(next(iterator), cfg.train.grad_accum, cfg.train.batch_size, batch_sh)
-            state, metrics = step_fn(state, batch, *base_args)
-            window.append(metrics)
-            bar.update(1)
-            # A checkpoint step is always a log step: the log window never spans a checkpoint,
-            # so a resumed run logs exactly the records the uninterrupted one would.
-            save_now = checkpoints.should_save(step, total_steps)
-            # keep_best ranks checkpoints by eval loss, so a checkpoint step is then an eval step.
-            eval_now = evaluate is not None and (
-                step == total_steps or (save_now and cfg.checkpoint.keep_best)
-                or (cfg.train.eval_every is not None and step % cfg.train.eval_every == 0))
-            if step == 1 or step % cfg.train.log_every == 0 or step == total_steps or save_now or eval_now:
-                fetched = jax.device_get(window)
-                elapsed = time.perf_counter() - window_start
-                window_tokens = int(sum(m["tokens"] for m in fetched))
-                tokens_seen += window_tokens
-                loss_tokens_seen += int(sum(m["loss_tokens"] for m in fetched))
-                loss = float(np.mean([m["loss"] for m in fetched]))
-                record = {
-                    "step": step,
-                    "epoch": iterator.epoch,
-                    "loss": loss,
-                    "learning_rate": float(fetched[-1]["learning_rate"]),
-                    "grad_norm": float(fetched[-1]["grad_norm"]),
-                    "tokens_seen": tokens_seen,
-                    "loss_tokens_seen": loss_tokens_seen,
-                    "tokens_per_second": window_tokens / elapsed,
-                }
-                if eval_now:
-                    result = evaluate(state.params)
-                    eval_loss = result.loss
-                    record.update(eval_loss=result.loss, eval_perplexity=result.perplexity,
-                                  eval_tokens=result.tokens)
-                writer.write(record)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if step == 1:
-                    first_loss = loss
-                last_loss = loss
-                window, window_start = [], time.perf_counter()
-                if not math.isfinite(loss):
-                    raise TrainingError(f"loss is {loss} at step {step}; stopping (try a lower "
-                                        f"optimizer.learning_rate, or check the data)")
-            stopping = stop.received is not None and step < total_steps
-            if save_now or stopping:  # a stop between log steps also saves the unlogged window
-                checkpoints.save(step, state, {"data": iterator.state(), "tokens_seen": tokens_seen,
-                                               "loss_tokens_seen": loss_tokens_seen,
-                                               "first_loss": first_loss, "last_loss": last_loss,
-                                               "window": _window_to_json(window)},
-                                 loss=last_loss if evaluate is None else eval_loss)
-            else:
-                checkpoints.raise_if_failed()
-            if stopping:
-                checkpoints.wait()
-                raise Interrupted(f"stopped by {stop.name} after step {step} of {total_steps}; saved "
-                                  f"{checkpoints.directory / str(step)}; rerun the same command to "
-                                  f"resume", stop.received)
-    finally:
-        stop.restore()
-        bar.close()
-        writer.close()
-    summary.update({"steps": total_steps, "first_loss": first_loss, "last_loss": last_loss})
+    recipe = StepRecipe(step_fn=step_fn, step_args=() if base is None else (base,), summarize=_summarize,
+                        counters=("tokens_seen", "loss_tokens_seen"),
+                        evaluate=None if evaluate is None else functools.partial(_eval_fields, evaluate),
+                        progress_label="train")
+    done = run_steps(cfg, recipe, state, iterator, batch_sh, checkpoints, writer, total_steps, resume_step,
+                     resumed, is_main)
+    eval_loss = done.eval_record.get("eval_loss")
+    summary.update({"steps": total_steps, "first_loss": done.first_loss, "last_loss": done.last_loss})
     if held_out is not None:
         summary["eval"] = {"tokenize": dataclasses.asdict(held_out.stats), "eval_loss": eval_loss,
                            "train_duplicates_dropped": held_out.duplicates_dropped}
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("done: %d steps, loss %.4f -> %.4f; run dir %s", total_steps, first_loss, last_loss, run_dir)
-    return TrainResult(run_dir=run_dir, steps=total_steps, first_loss=first_loss,
-                       last_loss=last_loss, state=state, eval_loss=eval_loss, base=base)
+    log.info("done: %d steps, loss %.4f -> %.4f; run dir %s", total_steps, done.first_loss, done.last_loss, run_dir)
+    return TrainResult(run_dir=run_dir, steps=total_steps, first_loss=done.first_loss,
+                       last_loss=done.last_loss, state=done.state, eval_loss=eval_loss, base=base)
+
+
+def _eval_fields(evaluate, params) -> dict:
+    result = evaluate(params)
+    return {"eval_loss": result.loss, "eval_perplexity": result.perplexity, "eval_tokens": result.tokens}
 
 
 def _held_out_evaluator(cfg: Config, held_out: HeldOut | None, mesh, shardings: TrainState, batch_sh,
@@ -360,5 +199,5 @@ def _held_out_evaluator(cfg: Config, held_out: HeldOut | None, mesh, shardings: 
     log.info("eval: %d held-out examples (%d response tokens) in %d batches; %d duplicate training "
              "rows dropped", held_out.stats.kept, held_out.stats.loss_tokens, len(batches),
              held_out.duplicates_dropped)
-    place = functools.partial(_to_global, accum=1, global_batch=rows, batch_sh=batch_sh)
+    place = functools.partial(to_global, accum=1, global_batch=rows, batch_sh=batch_sh)
     return lambda params: mean_eval_loss(step_fn, params, batches, place, held_out.stats.kept)

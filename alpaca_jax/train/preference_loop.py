@@ -21,16 +21,14 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from alpaca_jax import distributed, sharding
-from alpaca_jax.checkpoint import Checkpointer, truncate_metrics
+from alpaca_jax import sharding
+from alpaca_jax.checkpoint import Checkpointer
 from alpaca_jax.config import Config, save_config
 from alpaca_jax.data import corpus_texts, get_tokenizer, special_ids
 from alpaca_jax.data.chat import chat_template
@@ -43,17 +41,15 @@ from alpaca_jax.data.split import held_out_split
 from alpaca_jax.hf import load_pretrained
 from alpaca_jax.model import Llama
 from alpaca_jax.model.params import init_params, logical_axes, param_shapes
-from alpaca_jax.preflight import check_resume_config, check_train_outputs
 from alpaca_jax.train import adapters
-from alpaca_jax.train.loop import (TrainingError, TrainResult, _abstract_state, _extend_to_max_steps,
-                                   _initial_state, _to_global, _with_pretrained_tokenizer)
 from alpaca_jax.train.loss import run_loss_chunk
 from alpaca_jax.train.metrics import MetricsWriter
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
-from alpaca_jax.train.preemption import Interrupted, StopRequest
 from alpaca_jax.train.preference_loss import METRIC_NAMES
 from alpaca_jax.train.preference_step import preference_eval_step, preference_train_step, reference_step
 from alpaca_jax.train.state import state_shardings
+from alpaca_jax.train.step_loop import (StepRecipe, TrainingError, TrainResult, extend_to_max_steps,
+                                        run_in_directory, run_steps, start_or_resume, to_global)
 
 log = logging.getLogger("alpaca_jax")
 
@@ -157,25 +153,11 @@ def _evaluate(step_fn, params, batches, place) -> dict[str, float]:
 
 def train_preference(cfg: Config, devices=None) -> TrainResult:
     """Run (or resume) the configured preference tuning."""
-    check_train_outputs(cfg)
-    distributed.initialize(cfg.distributed)
-    cfg = _with_pretrained_tokenizer(cfg)
-    run_dir = cfg.run.path
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpointer(run_dir, cfg.checkpoint)
-    try:
-        return _train(cfg, devices, run_dir, jax.process_index() == 0, checkpoints)
-    finally:
-        checkpoints.close()
+    return run_in_directory(cfg, functools.partial(_train, devices=devices))
 
 
-def _train(cfg: Config, devices, run_dir: Path, is_main: bool, checkpoints: Checkpointer) -> TrainResult:
-    resume_step = checkpoints.latest_step()
-    if resume_step is not None and not cfg.train.resume:
-        raise TrainingError(f"{run_dir} already has a checkpoint (step {resume_step}) and "
-                            f"train.resume=false; choose another run.dir or allow resuming")
-    if resume_step is not None:
-        check_resume_config(run_dir, cfg, resume_step, keep_old=is_main)
+def _train(cfg: Config, run_dir: Path, is_main: bool, checkpoints: Checkpointer, resume_step: int | None,
+           devices=None) -> TrainResult:
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch_divides(cfg.train.batch_size, cfg.train.grad_accum, dict(mesh.shape), cfg.mesh.rules)
     data = load_pair_data(cfg, run_dir)
@@ -198,7 +180,7 @@ def _train(cfg: Config, devices, run_dir: Path, is_main: bool, checkpoints: Chec
         cfg, data=dataclasses.replace(cfg.data, max_len=seq_len)), dict(mesh.shape))
     log.info("loss: %s", loss_reason)
     model, ref_model = Llama(cfg.model, cfg.lora), Llama(cfg.model, None)
-    place = functools.partial(_to_global, accum=1, global_batch=rows, batch_sh=batch_sh)
+    place = functools.partial(to_global, accum=1, global_batch=rows, batch_sh=batch_sh)
 
     references = {"train": None, "eval": None}
     if cfg.preference.precompute_reference:
@@ -212,7 +194,7 @@ def _train(cfg: Config, devices, run_dir: Path, is_main: bool, checkpoints: Chec
 
     iterator = _pair_batches(cfg, data.train, pad_id, slots, references["train"], batch_size=cfg.train.batch_size,
                              seed=cfg.train.seed, num_epochs=cfg.train.num_epochs)
-    total_steps = _extend_to_max_steps(iterator, cfg.train.max_steps)
+    total_steps = extend_to_max_steps(iterator, cfg.train.max_steps)
     stats = data.train.stats
     log.info("data: %d pairs, %d kept, %d sequences truncated to %d tokens, %d dropped (no response token); "
              "%d tokens, %d scored; packing efficiency %.1f%%; %d steps", stats.pairs, stats.kept,
@@ -222,16 +204,8 @@ def _train(cfg: Config, devices, run_dir: Path, is_main: bool, checkpoints: Chec
     schedule = learning_rate_schedule(cfg.optimizer, total_steps)
     optimizer = make_optimizer(cfg.optimizer, schedule, adapters.trainable_layout(cfg)[1])
     shardings = state_shardings(cfg.model, optimizer, mesh, rules, cfg.lora)
-    resumed: dict = {}
-    if resume_step is None:
-        state = _initial_state(cfg, optimizer, shardings)
-    else:
-        state, resumed = checkpoints.restore(resume_step, _abstract_state(cfg, optimizer, shardings))
-        iterator.restore(resumed["data"])
-        if is_main:
-            truncate_metrics(run_dir, resume_step)
-        log.info("resumed from checkpoint %s (step %d of %d)", checkpoints.directory / str(resume_step),
-                 resume_step, total_steps)
+    state, resumed = start_or_resume(cfg, optimizer, shardings, checkpoints, resume_step, iterator, run_dir,
+                                     is_main, total_steps)
     common = dict(model=model, ref_model=ref_model, cfg=cfg.preference, slots=slots, loss_chunk=loss_chunk)
     step_fn = jax.jit(functools.partial(preference_train_step, optimizer=optimizer, schedule=schedule,
                                         seed=cfg.train.seed, **common),
@@ -246,75 +220,27 @@ def _train(cfg: Config, devices, run_dir: Path, is_main: bool, checkpoints: Chec
         evaluate = lambda params: _evaluate(lambda p, b: eval_fn(p, b, frozen), params, eval_batches, place)  # noqa: E731
 
     writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=is_main, append=resume_step is not None)
-    first_loss, last_loss = resumed.get("first_loss", math.nan), resumed.get("last_loss", math.nan)
-    eval_record: dict = {}
-    window: list = []
-    tokens_seen = resumed.get("tokens_seen", 0)
-    start_step = resume_step or 0
-    window_start = time.perf_counter()
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, initial=start_step, desc="dpo", unit="step", dynamic_ncols=True,
-               disable=not (cfg.train.progress_bar and is_main))
-    stop = StopRequest.install()
-    try:
-        for step in range(start_step + 1, total_steps + 1):
-            batch = _to_global(next(iterator), cfg.train.grad_accum, cfg.train.batch_size, batch_sh)
-            state, metrics = step_fn(state, batch, frozen)
-            window.append(metrics)
-            bar.update(1)
-            save_now = checkpoints.should_save(step, total_steps)
-            eval_now = evaluate is not None and (
-                step == total_steps or (save_now and cfg.checkpoint.keep_best)
-                or (cfg.train.eval_every is not None and step % cfg.train.eval_every == 0))
-            stopping = stop.received is not None and step < total_steps
-            if step == 1 or step % cfg.train.log_every == 0 or step == total_steps or save_now or eval_now or stopping:
-                record, window_tokens = _record(step, iterator.epoch, jax.device_get(window))
-                tokens_seen += window_tokens
-                record.update(tokens_seen=tokens_seen, tokens_per_second=window_tokens / (time.perf_counter() - window_start))
-                if eval_now:
-                    eval_record = evaluate(state.params)
-                    record.update(eval_record)
-                writer.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                first_loss = record["loss"] if step == 1 else first_loss
-                last_loss = record["loss"]
-                window, window_start = [], time.perf_counter()
-                if not math.isfinite(last_loss):
-                    raise TrainingError(f"loss is {last_loss} at step {step}; stopping (try a lower "
-                                        f"optimizer.learning_rate, or check the data)")
-            if save_now or stopping:
-                checkpoints.save(step, state, {"data": iterator.state(), "tokens_seen": tokens_seen,
-                                               "first_loss": first_loss, "last_loss": last_loss},
-                                 loss=eval_record.get("eval_loss", last_loss))
-            else:
-                checkpoints.raise_if_failed()
-            if stopping:
-                checkpoints.wait()
-                raise Interrupted(f"stopped by {stop.name} after step {step} of {total_steps}; saved "
-                                  f"{checkpoints.directory / str(step)}; rerun the same command to resume",
-                                  stop.received)
-    finally:
-        stop.restore()
-        bar.close()
-        writer.close()
+    recipe = StepRecipe(step_fn=step_fn, step_args=(frozen,), summarize=_summarize, counters=("tokens_seen",),
+                        evaluate=evaluate, progress_label="dpo")
+    done = run_steps(cfg, recipe, state, iterator, batch_sh, checkpoints, writer, total_steps, resume_step,
+                     resumed, is_main)
     summary = {"pairs": dataclasses.asdict(stats), "malformed": dict(data.report.malformed),
                "packing_efficiency": iterator.packing_efficiency(), "steps": total_steps,
-               "first_loss": first_loss, "last_loss": last_loss, "eval": eval_record or None,
+               "first_loss": done.first_loss, "last_loss": done.last_loss, "eval": done.eval_record or None,
                "devices": len(mesh.devices.flat)}
     if data.held_out is not None:
         summary["eval_pairs"] = dataclasses.asdict(data.held_out.stats)
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("done: %d steps, loss %.4f -> %.4f; run dir %s", total_steps, first_loss, last_loss, run_dir)
-    return TrainResult(run_dir=run_dir, steps=total_steps, first_loss=first_loss, last_loss=last_loss,
-                       state=state, eval_loss=eval_record.get("eval_loss"), base=base)
+    log.info("done: %d steps, loss %.4f -> %.4f; run dir %s", total_steps, done.first_loss, done.last_loss, run_dir)
+    return TrainResult(run_dir=run_dir, steps=total_steps, first_loss=done.first_loss, last_loss=done.last_loss,
+                       state=done.state, eval_loss=done.eval_record.get("eval_loss"), base=base)
 
 
-def _record(step: int, epoch: int, fetched: list[dict]) -> tuple[dict, int]:
-    """One metrics.jsonl record from the steps since the last: means of the per-step values."""
+def _summarize(fetched: list[dict]) -> tuple[dict, dict[str, int]]:
+    """A metrics.jsonl record's fields from the steps since the last: means of the per-step values."""
     mean = lambda key: float(np.mean([m[key] for m in fetched]))  # noqa: E731
-    record = {"step": step, "epoch": epoch, "loss": mean("loss"),
-              "learning_rate": float(fetched[-1]["learning_rate"]), "grad_norm": float(fetched[-1]["grad_norm"]),
-              **{name: mean(name) for name in METRIC_NAMES},
+    fields = {"loss": mean("loss"), "learning_rate": float(fetched[-1]["learning_rate"]),
+              "grad_norm": float(fetched[-1]["grad_norm"]), **{name: mean(name) for name in METRIC_NAMES},
               "pairs": int(sum(int(m["pairs"]) for m in fetched))}
-    return record, int(sum(int(m["tokens"]) for m in fetched))
+    return fields, {"tokens_seen": int(sum(int(m["tokens"]) for m in fetched))}
