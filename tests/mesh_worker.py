@@ -4,6 +4,7 @@
         python tests/mesh_worker.py meshes OUT.json RUN_ROOT
     python tests/mesh_worker.py process OUT.json RUN_DIR      (one of several processes; JAX_* env)
     XLA_FLAGS=... python tests/mesh_worker.py lora OUT.json RUN_ROOT   (LoRA: 1 device vs FSDP over 8)
+    XLA_FLAGS=... python tests/mesh_worker.py preference OUT.json RUN_ROOT   (DPO: 1 device vs 2x2x2, fused)
 
 Trains the tiny model for a few steps per mesh and writes the logged losses and the observed
 parameter shardings as JSON. Three of the meshes train with the fused Pallas kernel (run by the
@@ -203,11 +204,49 @@ def process(out: Path, run_dir: Path, extra: list[str]) -> None:
                                "written": sorted(set(written))}))
 
 
+def preference(out: Path, root: Path) -> None:
+    """DPO (a frozen copy of the start as the reference) on one device, and on data 2 x fsdp 2 x
+    tensor 2 with the fused Pallas kernel under shard_map: losses, DPO metrics, and every
+    attention choice logged (a fallback to xla would be a warning)."""
+    import logging
+
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "green", "cat", "dog", "tree", "sun", "moon", "rain", "snow", "fish", "bird"]
+    rows = []
+    for _ in range(32):
+        a, b, c = rng.choice(words, 3, replace=False).tolist()
+        rows.append({"prompt": f"List {a}, {b} and {c}.", "chosen": f"{a}, {b}, {c}.", "rejected": f"{c}! {b}! {a}!"})
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("alpaca_jax").addHandler(handler)
+    logging.getLogger("alpaca_jax").setLevel(logging.INFO)
+    results = {}
+    for name, (data, fsdp, tensor) in (("1", (1, 1, 1)), ("2x2x2", (2, 2, 2))):
+        messages.clear()
+        overrides = [f"run.dir={root / name}", f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}",
+                     f"data.train_files=[{pairs}]", "data.max_len=48", "preference.beta=0.1",
+                     "optimizer.learning_rate=1e-3", "data.eval_fraction=0.0", "train.eval_every=null"]
+        if name != "1":
+            overrides += [f"tokenizer.path={root / '1' / 'tokenizer'}", "model.attention=pallas_flash"]
+        cfg, result = _run(overrides, jax.devices()[:data * fsdp * tensor])
+        records = read_metrics(result.run_dir)
+        results[name] = {"losses": [m["loss"] for m in records],
+                         "margins": [m["rewards/margins"] for m in records],
+                         "grad_norms": [m["grad_norm"] for m in records],
+                         "attention": [m for m in messages if m.startswith("attention:")]}
+    out.write_text(json.dumps(results))
+
+
 if __name__ == "__main__":
     mode, out, where = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     if mode == "meshes":
         meshes(out, where)
     elif mode == "lora":
         lora(out, where)
+    elif mode == "preference":
+        preference(out, where)
     else:
         process(out, where, sys.argv[4:])

@@ -98,6 +98,21 @@ def test_lora_with_fsdp_over_8_devices_gives_the_1_device_losses(tmp_path):
     assert runs["1x8x1"]["base_wq_shard"] == [128 // 8, 4, 32]
 
 
+def test_dpo_on_mesh_2x2x2_keeps_the_fused_kernel_and_gives_the_1_device_losses(tmp_path):
+    out = tmp_path / "preference.json"
+    result = subprocess.run([sys.executable, str(WORKER), "preference", str(out), str(tmp_path)],
+                            env=_env(8), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads(out.read_text())
+    assert len(runs["1"]["losses"]) == STEPS and len(set(runs["1"]["losses"])) == STEPS
+    np.testing.assert_allclose(runs["2x2x2"]["losses"], runs["1"]["losses"], rtol=1e-5)
+    np.testing.assert_allclose(runs["2x2x2"]["margins"], runs["1"]["margins"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(runs["2x2x2"]["grad_norms"], runs["1"]["grad_norms"], rtol=1e-5)
+    # The policy and the reference both run the wrapped kernel: chosen, never fallen back from.
+    assert runs["2x2x2"]["attention"] and all(m.startswith("attention: pallas_flash") for m in runs["2x2x2"]["attention"]), \
+        runs["2x2x2"]["attention"]
+
+
 def test_parameters_are_sharded_as_the_rules_say(mesh_runs):
     for name in ("1x8x1", "2x2x2", "1x4x2"):
         for path, info in mesh_runs[name]["params"].items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,9 +19,17 @@ def _dummy_inputs(batch: int = 1, length: int = 8):
     return ids, ids, jnp.ones((batch, length), jnp.int32)
 
 
+def _shell(cfg: ModelConfig, lora=None) -> Llama:
+    """The model `init` traces to create parameters. Its forward pass on dummy inputs only
+    places the parameters, so attention runs as plain `xla` there: no kernel is chosen (and no
+    "no mesh layout" fallback warned about) for a call whose output nobody reads. Attention
+    owns no parameters, so the parameters are those of any implementation."""
+    return Llama(dataclasses.replace(cfg, attention="xla"), lora)
+
+
 def boxed_param_shapes(cfg: ModelConfig):
     """Abstract params still wrapped in `nn.LogicallyPartitioned` (shapes + axis names)."""
-    return jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), *_dummy_inputs())["params"])
+    return jax.eval_shape(lambda: _shell(cfg).init(jax.random.key(0), *_dummy_inputs())["params"])
 
 
 def param_shapes(cfg: ModelConfig):
@@ -38,13 +48,13 @@ def count_params(cfg: ModelConfig) -> int:
 
 def init_params(cfg: ModelConfig, rng: jax.Array):
     """Real, unboxed parameters (call under jit with out_shardings to create them sharded)."""
-    return nn.meta.unbox(Llama(cfg).init(rng, *_dummy_inputs())["params"])
+    return nn.meta.unbox(_shell(cfg).init(rng, *_dummy_inputs())["params"])
 
 
 # -- LoRA adapters: the "lora" collection beside the frozen params (model/lora.py) ------------
 
 def _boxed_adapter_shapes(cfg: ModelConfig, lora):
-    return jax.eval_shape(lambda: Llama(cfg, lora).init(jax.random.key(0), *_dummy_inputs())[LORA_COLLECTION])
+    return jax.eval_shape(lambda: _shell(cfg, lora).init(jax.random.key(0), *_dummy_inputs())[LORA_COLLECTION])
 
 
 def adapter_shapes(cfg: ModelConfig, lora):
@@ -60,7 +70,7 @@ def adapter_axes(cfg: ModelConfig, lora):
 def init_adapters(cfg: ModelConfig, lora, rng: jax.Array):
     """Fresh adapters: A random, B zero. Only the "lora" collection is returned, so under jit
     the base parameters that `init` also draws are never computed."""
-    return nn.meta.unbox(Llama(cfg, lora).init(rng, *_dummy_inputs())[LORA_COLLECTION])
+    return nn.meta.unbox(_shell(cfg, lora).init(rng, *_dummy_inputs())[LORA_COLLECTION])
 
 
 def unscan_layers(params, num_layers: int):

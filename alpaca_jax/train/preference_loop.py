@@ -179,7 +179,8 @@ def _train(cfg: Config, run_dir: Path, is_main: bool, checkpoints: Checkpointer,
     loss_chunk, loss_reason = run_loss_chunk(dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, max_len=seq_len)), dict(mesh.shape))
     log.info("loss: %s", loss_reason)
-    model, ref_model = Llama(cfg.model, cfg.lora), Llama(cfg.model, None)
+    layout = sharding.attention_layout(mesh, rules)  # fused attention per device, as in SFT
+    model, ref_model = Llama(cfg.model, cfg.lora, layout), Llama(cfg.model, None, layout)
     place = functools.partial(to_global, accum=1, global_batch=rows, batch_sh=batch_sh)
 
     references = {"train": None, "eval": None}
