@@ -80,9 +80,9 @@ def hf_models(tmp_path_factory):
     return dirs
 
 
-def _hf_reference_logps(hf_models, pairs) -> np.ndarray:
-    """[N, 2] summed answer log-probs under the HF reference model, one sequence at a time."""
-    model = LlamaForCausalLM.from_pretrained(hf_models["reference"], dtype=torch.float32).eval()
+def _hf_reference_logps(hf_models, pairs, which: str = "reference") -> np.ndarray:
+    """[N, 2] summed answer log-probs under one HF model, one sequence at a time."""
+    model = LlamaForCausalLM.from_pretrained(hf_models[which], dtype=torch.float32).eval()
     out = np.zeros((len(pairs), 2), np.float32)
     for i, p in enumerate(pairs):
         for k, key in enumerate(("chosen_ids", "rejected_ids")):
@@ -93,13 +93,14 @@ def _hf_reference_logps(hf_models, pairs) -> np.ndarray:
     return out
 
 
-def _ours(hf_models, pairs, loss: str, packing: bool = True, rows: int = 1, reference=None):
+def _ours(hf_models, pairs, loss: str, packing: bool = True, rows: int = 1, reference=None,
+          label_smoothing: float = 0.0):
     cfg = tiny_model(vocab_size=VOCAB, max_position_embeddings=128)
     policy = hf.load_hf_params(hf_models["policy"], cfg)
     frozen = {} if reference is not None else {"reference": hf.load_hf_params(hf_models["reference"], cfg)}
     batch, slots = _batch(pairs, packing, rows, reference)
     model = Llama(cfg)
-    pref = PreferenceConfig(beta=0.1, loss=loss)
+    pref = PreferenceConfig(beta=0.1, loss=loss, label_smoothing=label_smoothing)
     count = num_pairs(batch, slots)
 
     def mean_loss(params):
@@ -139,8 +140,9 @@ def _trl(hf_models, pairs, loss: str, tmp_path: Path):
     return float(value), metrics, tmp_path / "trl_grads"
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
 def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(hf_models, tmp_path, loss):
+    """sigmoid = DPO, ipo, hinge (SLiC's): TRL's DPOTrainer computes each on the same batch."""
     pairs = _pairs()
     value, metrics, grads, cfg = _ours(hf_models, pairs, loss)
     trl_value, trl_metrics, trl_grads_dir = _trl(hf_models, pairs, loss, tmp_path)
@@ -161,6 +163,21 @@ def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(hf_models, tmp_path, l
             theirs = theirs[key.key]
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5 * scale,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_label_smoothing_is_conservative_dpo_from_its_formula(hf_models):
+    """label_smoothing=eps is conservative DPO (Mitchell, "A note on DPO with noisy preferences",
+    2023): loss = -(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d), d the chosen-minus-
+    rejected log-ratio margin. (TRL 1.x no longer applies label_smoothing to `sigmoid`, so the
+    reference here is that formula on log-probs scored by the HF models, one sequence at a time.)"""
+    pairs = _pairs()
+    policy, reference = (_hf_reference_logps(hf_models, pairs, which) for which in ("policy", "reference"))
+    margin = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
+    log_sigmoid = lambda x: -np.logaddexp(0.0, -x)  # noqa: E731
+    for eps in (0.0, 0.1, 0.3):
+        expected = np.mean(-(1 - eps) * log_sigmoid(0.1 * margin) - eps * log_sigmoid(-0.1 * margin))
+        np.testing.assert_allclose(_ours(hf_models, pairs, "sigmoid", label_smoothing=eps)[0], expected, rtol=1e-5,
+                                   err_msg=f"label_smoothing={eps}")
 
 
 def test_packed_pairs_equal_unpacked(hf_models):
