@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform as host_platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 RESULTS = REPO / "benchmarks" / "results"
 ALPACA_FILE = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
 
@@ -328,16 +328,6 @@ def _run_worker(args: list[str], timeout: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return host_platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: the CPU smoke run")
@@ -353,6 +343,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=["jax", "torch", "torch_compile"], help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    load_before = load_average()
     shapes = QUICK_SHAPES if args.quick else SHAPES
     steps = args.steps or (3 if args.quick else 10)
 
@@ -365,7 +356,7 @@ def main() -> None:
 
     started = time.perf_counter()
     report = {"command": " ".join(["python", "benchmarks/accelerator.py", *sys.argv[1:]]),
-              "cpu_model": _cpu_model(), "quick": args.quick, "steps": steps, "shapes": {}}
+              "machine": machine(load_before), "quick": args.quick, "steps": steps, "shapes": {}}
     hf = {"eager": "torch", "compile": "torch_compile"}
     workers = ["jax"] + ([] if args.skip_hf else [hf[mode] for mode in args.hf.split(",")])
     labels = {"jax": "alpaca_jax", "torch": "hf_sdpa_eager", "torch_compile": "hf_sdpa_compile"}

@@ -21,8 +21,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 
 from data_gen.batch import ingest_lines  # noqa: E402
 from data_gen.committee import Committee  # noqa: E402
@@ -115,14 +114,6 @@ def bench_ingest(rows: int) -> dict:
             "rows_per_s": round(rows / seconds), "rows_per_s_cpu": round(rows / cpu_seconds)}
 
 
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=4)
@@ -135,12 +126,11 @@ def main() -> None:
     if args.quick:
         args.requests, args.repeats, args.rows = 84, 1, 2000
     os.environ.setdefault("OPENAI_API_KEY", "dummy")   # the fake servers accept any key
-    load = os.getloadavg()
-    result = {"cpu": _cpu_model(), "cores": os.cpu_count(), "note": "taken with the cores shared by other jobs",
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "loadavg_before": [round(x, 2) for x in load],
+    load_before = load_average()
+    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
               "committee": bench_committee(args.concurrency, args.requests, args.repeats),
               "batch_ingest": bench_ingest(args.rows)}
-    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["machine"] = machine(load_before)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("committee", "batch_ingest")}, indent=2)[:3000])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 
 SHAPES = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
               num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "convert.json"))
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase, print JSON
     args = parser.parse_args()
+    load_before = load_average()
     work = Path(args.work)
     if args.phase:
         print(json.dumps(_phase(args.phase, work)))
@@ -113,8 +114,7 @@ def main() -> None:
         "model": {**SHAPES, "parameters": results["transformers_load"]["parameters"], "dtype": "bfloat16",
                   "safetensors_gb": round(weights_gb, 3)},
         "phases": results,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average": os.getloadavg()},
+        "machine": machine(load_before),
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

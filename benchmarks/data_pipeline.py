@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 
 from alpaca_jax.data import (BatchIterator, chat_template, read_conversations,  # noqa: E402
                              tokenize_conversations, train_bpe_tokenizer)
@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one repeat, no train-step measurement")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "data_pipeline.json")
     args = parser.parse_args(argv)
+    load_before = load_average()
     repeats = 1 if args.quick else args.repeats
     for name in ("dummy_conversation.json", "alpaca_en_demo.json"):
         if not (args.data_dir / name).is_file():
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     corpus = [vicuna.render(c).text for c in conversations] + [alpaca_template.render(c).text for c in alpaca]
     tokenizer = train_bpe_tokenizer(corpus, vocab_size=8192)
     results = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "machine": machine(load_before),
         "batch_rows": BATCH, "max_len": args.max_len, "repeats": repeats,
         "conversations_vicuna": compare("500 ShareGPT conversations (vicuna_v1.1)", conversations, tokenizer,
                                         vicuna, VICUNA_JINJA, args.max_len, repeats),

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import sys
 import time
@@ -38,6 +36,7 @@ from rouge_score import rouge_scorer, tokenize
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 
 from data_gen.dedup import deduplicate  # noqa: E402
 from data_gen.synthetic import instruction_stream  # noqa: E402
@@ -155,7 +154,7 @@ def main() -> int:
         print(f"error: {args.data} is absent (the benchmark uses the real instructions there; --data)",
               file=sys.stderr)
         return 2
-    load_before = os.getloadavg()
+    load_before = load_average()
     results = []
     for count in args.counts:
         result = run(args.data, count, args.prefix, args.sample, args.full_reference, args.seed)
@@ -172,11 +171,7 @@ def main() -> int:
                   "us_per_pair x the exact number of pairs the full loop scores. *_seconds are "
                   "wall clock (contended when the machine is shared); *_cpu_seconds are this "
                   "process's CPU time, the figure an uncontended run approaches."),
-        "machine": {"python": platform.python_version(), "numpy": np.__version__,
-                    "platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(),
-                    "load_average_1_5_15_min": {"before": [round(x, 2) for x in load_before],
-                                                "after": [round(x, 2) for x in os.getloadavg()]}},
+        "machine": machine(load_before, numpy=np.__version__),
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

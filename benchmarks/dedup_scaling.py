@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 
 from data_gen.dedup import deduplicate  # noqa: E402
 from data_gen.synthetic import instruction_stream, small_vocabulary_stream, word_bag_stream  # noqa: E402
@@ -82,7 +81,7 @@ def main() -> int:
         print(f"error: {SHARED} is absent (corpus `real` reads it; drop it with --corpora)", file=sys.stderr)
         return 2
     baseline = _baseline(args.baseline)
-    load_before = os.getloadavg()
+    load_before = load_average()
     rows = []
     for corpus in args.corpora:
         stream = CORPORA[corpus](max(args.counts), 0)
@@ -111,10 +110,7 @@ def main() -> int:
         "baseline_commit": args.baseline,
         "notes": "CPU seconds of this process (time.process_time) and wall seconds; the machine's "
                  "cores were shared with other jobs (load average below).",
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpu_count": os.cpu_count(),
-                    "load_average_1_5_15_min": {"before": [round(x, 2) for x in load_before],
-                                                "after": [round(x, 2) for x in os.getloadavg()]}},
+        "machine": machine(load_before),
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

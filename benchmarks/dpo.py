@@ -18,10 +18,8 @@ Writes benchmarks/results/dpo.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ from alpaca_jax.train.preference_step import preference_train_step
 from alpaca_jax.train.state import fresh_train_state
 
 REPO = Path(__file__).resolve().parent.parent
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 OUTPUT = REPO / "benchmarks" / "results" / "dpo.json"
 SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6)
@@ -125,6 +124,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args()
+    load_before = load_average()
     scale, n_pairs, rounds = (0.25, 4, 2) if args.quick else (1.0, 16, 5)
     rounds = args.rounds or rounds
     max_len = int(352 * scale)  # longest possible sequence: 1 + 160 + 192 (+ EOS) at full scale
@@ -145,7 +145,7 @@ def main() -> None:
     best = {k: min(v) for k, v in times.items()}
     result = {
         "command": "python benchmarks/dpo.py" + (" --quick" if args.quick else ""),
-        "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+        "machine": machine(load_before), "torch_threads": torch.get_num_threads(),
         "shape": SHAPE, "pairs": n_pairs, "max_len": max_len, "rounds": rounds,
         "tokens": {"real": int(sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
                                    for p in pairs))},

@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 SHARED = REPO.parent / "shared" / "data"
 
 # Our `tiny` preset (configs/model/tiny.yaml): the model the README's first command trains.
@@ -118,6 +116,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "eval.json"))
     parser.add_argument("--data-dir", default=str(SHARED), help="folder with the shared data files (default ../shared/data)")
     args = parser.parse_args()
+    load_before = load_average()
     data_dir = Path(args.data_dir)
     import datasets
     import torch
@@ -177,10 +176,7 @@ def main() -> None:
                               "speedup_cold": hf_gen_s / gen_cold_s}
         print(json.dumps(result["generate"], indent=1), flush=True)
 
-    result["load_average_at_end"] = list(os.getloadavg())  # other work sharing the cores makes figures indicative
-    result["cpu"] = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"],
-                                   capture_output=True, text=True).stdout.strip()
-    result["python"] = platform.python_version()
+    result["machine"] = machine(load_before)  # other work sharing the cores makes figures indicative
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import tempfile
 import threading
@@ -41,6 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 
 SHAPES = {
     "tiny": dict(preset="tiny"),
@@ -295,6 +295,7 @@ def main() -> None:
                         help="timed calls per side, ours and transformers' alternating; the best counts (default 5)")
     parser.add_argument("--out", help="the JSON written (default benchmarks/results/generation[_gpu].json)")
     args = parser.parse_args()
+    load_before = load_average()
     if args.gpu:
         shapes, batches = (["tiny"] if args.quick else ["tinyllama"]), (1, 32)
     else:
@@ -306,7 +307,7 @@ def main() -> None:
     import jax
     import torch
     device = jax.devices()[0]
-    report = {"machine": platform.processor() or platform.machine(), "jax": jax.__version__,
+    report = {"machine": machine(load_before), "jax": jax.__version__,
               "jax_device": device.device_kind, "torch": torch.__version__,
               "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch_threads": torch.get_num_threads(), "new_tokens": new_tokens,

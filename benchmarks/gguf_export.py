@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this folder is already on sys.path (the script's own)
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 
 from generation import PROMPT_TOKENS, _interleaved_best, _make_run, _NoEos, _ours_call, _prompts  # noqa: E402
 
@@ -142,13 +142,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gguf.json"))
     parser.add_argument("--export-phase", nargs=3, metavar=("RUN", "OUT", "TYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    load_before = load_average()
     if args.export_phase:
         print(json.dumps(_export_phase(*args.export_phase)))
         return
 
     import jax
     import llama_cpp
-    report = {"machine": platform.processor() or platform.machine(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+    report = {"machine": machine(load_before),
               "jax": jax.__version__, "llama_cpp_python": llama_cpp.__version__,
               "command": "python benchmarks/gguf_export.py" + (" --quick" if args.quick else "")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,12 +161,6 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch  # noqa: E402
 from alpaca_jax.model.layers import dense  # noqa: E402
 from alpaca_jax.model.mlp import SwiGLU  # noqa: E402
 from alpaca_jax.train.step import token_cross_entropy  # noqa: E402
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 
 OUTPUT = Path(__file__).resolve().parent / "results" / "layer_matmuls.json"
 B, T, D, F, V = 8, 512, 512, 1408, 8192
@@ -119,6 +119,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
+    load_before = load_average()
     torch.set_num_threads(2)
 
     cases, tensors = jax_cases(jax.random.key(0))
@@ -149,7 +150,7 @@ def main(argv=None) -> dict:
 
     flops = {"mlp": 3 * 3 * 2 * B * T * D * F, "head": 3 * 2 * B * T * D * V}  # fwd + 2 bwd matmuls
     result = {"shape": dict(batch=B, seq=T, hidden=D, intermediate=F, vocab=V, dtype="float32"),
-              "repeats": args.repeats, "machine": platform.processor() or platform.machine(),
+              "repeats": args.repeats, "machine": machine(load_before),
               "jax": jax.__version__, "torch": torch.__version__, "blocks": {}}
     for block in ("mlp", "head"):
         row = {}

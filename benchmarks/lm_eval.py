@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,11 @@ BENCHMARKS = REPO / "benchmarks"
 # This file has the name of the package it measures: its folder must not shadow `lm_eval`.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCHMARKS]
 sys.path.insert(0, str(REPO))
+_machine_spec = importlib.util.spec_from_file_location("machine", BENCHMARKS / "machine.py")
+_machine = importlib.util.module_from_spec(_machine_spec)
+_machine_spec.loader.exec_module(_machine)  # by path: this folder is off sys.path (see above) ...
+sys.modules["machine"] = _machine  # ... and so for generation.py, loaded by path below
+load_average, machine = _machine.load_average, _machine.machine
 
 TASK = "bench_mc"
 
@@ -93,6 +97,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shape, 40 questions")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lm_eval.json"))
     args = parser.parse_args()
+    load_before = load_average()
     shape, docs = ("tiny", 40) if args.quick else ("30m", args.docs)
 
     import jax
@@ -131,9 +136,7 @@ def main() -> None:
         "repeats": args.repeats, "ours_s": ours_s, "hf_s": hf_s, "speedup": hf_s / ours_s, "ours_cold_s": cold,
         "ours_all_s": times["ours"], "hf_all_s": times["hf"], "metrics_identical": metrics["ours"] == metrics["hf"],
         "acc": metrics["ours"]["acc,none"], "max_loglikelihood_difference": difference,
-        "cpu": subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True,
-                              text=True).stdout.strip(),
-        "cores": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip(),
+        "machine": machine(load_before),
         "note": "taken with the cores shared by other jobs",
         "jax": jax.__version__, "torch": torch.__version__, "lm_eval": lm_eval.__version__,
         "python": platform.python_version(),

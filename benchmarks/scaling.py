@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 
 SHAPE = ["model.hidden_size=256", "model.intermediate_size=688", "model.num_layers=4",
          "model.num_heads=8", "model.num_kv_heads=8", "model.vocab_size=4096"]
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/scaling.json")
     parser.add_argument("--child", nargs=2, metavar=("DEVICES", "LAYOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    load_before = load_average()
     if args.child:
         print(json.dumps(_measure(int(args.child[0]), args.child[1], args.steps)))
         return
@@ -98,7 +99,7 @@ def main() -> None:
     import jax
     report = {"benchmark": "scaling", "command": "python benchmarks/scaling.py", "shape": SHAPE,
               "batch": BATCH, "seq": SEQ, "results": results,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__},
+              "machine": machine(load_before, jax=jax.__version__),
               "gpu_mfu": "not measured: no GPU was lent to this session"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 
 
 def run_tiny_job(run_dir: Path) -> dict:
@@ -52,10 +52,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tiny_job.json"))
     args = parser.parse_args()
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         result = run_tiny_job(Path(tmp) / "tiny")
-    result.update({"benchmark": "tiny_job", "machine": platform.processor() or platform.machine(),
-                   "cpus": os.cpu_count(), "python": platform.python_version()})
+    result.update({"benchmark": "tiny_job", "machine": machine(load_before)})
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['wall_s']:.0f} s, {result['steps']} steps, loss {result['first_loss']:.4f} -> "
           f"{result['last_loss']:.4f} ({result['last_over_first']:.3f} of the first)")

@@ -28,7 +28,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 DATA_FILE = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
 OUTPUT = REPO / "benchmarks" / "results" / "train_throughput.json"
 
@@ -322,6 +322,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--raw-only", action="store_true", help="only the raw-step comparison")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
+    load_before = load_average()
     steps = args.steps or (2 if args.quick else 5)
     num_examples = args.examples or (64 if args.quick else 192)
 
@@ -365,10 +366,7 @@ def main(argv=None) -> dict:
         "raw_step": raw,
         "raw_step_default_malloc": default_raw,
         "alpaca_examples": examples,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "processor": platform.processor(), "python": platform.python_version(),
-                    "jax": jax.__version__, "torch": torch.__version__,
-                    "load_average_at_end": os.getloadavg()},
+        "machine": machine(load_before, jax=jax.__version__, torch=torch.__version__),
         "wall_s": time.perf_counter() - t0,
         "targets": {"raw_ratio_at_least_1.0": raw["ratio_jax_over_torch"] >= 1.0,
                     "examples_ratio_at_least_2.0": None if examples is None
