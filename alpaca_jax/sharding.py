@@ -144,6 +144,11 @@ def attention_layout(mesh: Mesh, rules: dict[str, Any]) -> MeshLayout:
     return MeshLayout(mesh, **_attention_axes(rules))
 
 
+def single_device_mesh() -> Mesh:
+    """The default device as a mesh of size 1 on every axis: where an unsharded model runs."""
+    return Mesh(np.asarray(jax.devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
+
+
 def attention_split(axis_sizes: dict[str, int], rules: dict[str, Any]) -> MeshSplit:
     """`attention_layout` from the mesh's axis sizes alone (the planner has no devices)."""
     return MeshSplit(tuple(axis_sizes.items()), **_attention_axes(rules))

@@ -107,7 +107,7 @@ class AlpacaJaxLM(TemplateLM):
         # lm-eval's "auto" searches for the largest batch that fits; ours is a fixed size.
         self.batch_size = DEFAULT_BATCH_SIZE if str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
-        self._llama = Llama(self.model.config)
+        self._llama = Llama(self.model.config, None, self.model.attention_layout)
         self._progress = sys.stderr.isatty() if progress is None else progress
 
     # -- tokens ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def reference_loss(model, items: list[EvalItem], batch_size: int = 8) -> tuple[E
     batches = eval_batches(input_ids, list(kept["loss_mask"]), batch_size=batch_size,
                            seq_len=seq_len, pad_id=special_ids(model.tokenizer).pad,
                            packing=True, pack_window=64)
-    step_fn = _jitted_eval_step(model.config)
+    step_fn = _jitted_eval_step(model.config, model.attention_layout)
     place = lambda batch: {k: v[None] for k, v in batch.items()}  # noqa: E731 - [B, T] -> [1, B, T]
     return mean_eval_loss(step_fn, model.params, batches, place, stats.kept), {
         "examples": stats.examples, "scored": stats.kept, "truncated": stats.truncated,
@@ -45,6 +45,6 @@ def reference_loss(model, items: list[EvalItem], batch_size: int = 8) -> tuple[E
 
 
 @functools.lru_cache(maxsize=4)
-def _jitted_eval_step(config):
+def _jitted_eval_step(config, layout):
     """One compiled step per model shape, reused across calls (several runs of one ablation)."""
-    return jax.jit(functools.partial(eval_step, model=Llama(config)))
+    return jax.jit(functools.partial(eval_step, model=Llama(config, None, layout)))

@@ -35,6 +35,7 @@ class LoadedModel:
     max_len: int            # context limit in tokens (prompt + generated)
     template: str = "alpaca"  # the chat template the model was trained with (data.template)
     mesh: Any = None        # the jax Mesh the params live on (None: the default device)
+    rules: Any = None       # the logical-axis rules the params were placed by (None: MeshConfig's)
 
     @property
     def eos_id(self) -> int | None:
@@ -48,6 +49,14 @@ class LoadedModel:
         """The ids training saw before the answer to `messages` ({role, content[, input]}),
         rendered with this model's chat template and checked against its context."""
         return encode_prompt(messages, self.template, self.tokenizer, self.add_bos, self.max_len)
+
+    @property
+    def attention_layout(self):
+        """Where a fused attention kernel runs: per device over the params' mesh, or whole on the
+        one default device. (Without it, a process that sees 8 GPUs but decodes on one would
+        take the "no mesh layout" fallback to xla attention.)"""
+        mesh = self.mesh if self.mesh is not None else sharding.single_device_mesh()
+        return sharding.attention_layout(mesh, self.rules if self.rules is not None else MeshConfig().rules)
 
     @property
     def multi_turn(self) -> bool:
@@ -93,6 +102,7 @@ def load_model(source: str | Path, mesh=None) -> LoadedModel:
         add_bos = saved.config.tokenizer.add_bos
         name = saved.run_dir.name
         template = saved.config.data.template
+        rules = saved.config.mesh.rules
     if tokenizer.eos_token_id is None:
         raise CheckpointError(f"{source}: the tokenizer has no EOS token, so decoding could never stop")
     cfg = dataclasses.replace(cfg, remat="none")  # same parameter tree; nothing to recompute
@@ -103,4 +113,4 @@ def load_model(source: str | Path, mesh=None) -> LoadedModel:
         params = unscan_layers(params, cfg.num_layers)
         cfg = dataclasses.replace(cfg, scan_layers=False)
     return LoadedModel(config=cfg, params=params, tokenizer=tokenizer, add_bos=add_bos, name=name,
-                       template=template, max_len=cfg.max_position_embeddings, mesh=mesh)
+                       template=template, max_len=cfg.max_position_embeddings, mesh=mesh, rules=rules)

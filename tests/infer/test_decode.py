@@ -190,3 +190,8 @@ def test_decoding_with_params_on_a_training_mesh(tiny_run):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["sharded"] == report["single"]
     assert report["wq_devices"] == 4 and report["wq_shard"][0] < 32  # embed really split (fsdp)
+    # Unsharded params with 4 devices visible: the fused kernel runs whole on the one device
+    # (it used to fall back to xla: "no mesh layout was given for the 4 devices").
+    assert abs(report["fused_loss"] - report["plain_loss"]) <= 1e-5 * abs(report["plain_loss"])
+    assert report["fused_choices"] and all(m.startswith("attention: pallas_flash") for m in report["fused_choices"]), \
+        report["fused_choices"]
