@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -84,12 +85,17 @@ def test_train_step_gathers_no_query_key_value(mesh_runs):
     assert any(is_qkv(s) for s in mesh_runs["2x2x2"]["bare_kernel_gathers"])
 
 
-def test_lora_with_fsdp_over_8_devices_gives_the_1_device_losses(tmp_path):
-    out = tmp_path / "lora.json"
-    result = subprocess.run([sys.executable, str(WORKER), "lora", str(out), str(tmp_path)],
+def _worker_on_8_devices(mode: str, root: Path) -> dict:
+    """mesh_worker.py's `mode` run with 8 fake devices: the JSON it writes."""
+    out = root / f"{mode}.json"
+    result = subprocess.run([sys.executable, str(WORKER), mode, str(out), str(root)],
                             env=_env(8), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_lora_with_fsdp_over_8_devices_gives_the_1_device_losses(tmp_path):
+    runs = _worker_on_8_devices("lora", tmp_path)
     assert len(runs["1"]["losses"]) == STEPS
     np.testing.assert_allclose(runs["1x8x1"]["losses"], runs["1"]["losses"], rtol=2e-6)
     np.testing.assert_allclose(runs["1x8x1"]["grad_norms"], runs["1"]["grad_norms"], rtol=1e-5)
@@ -99,11 +105,7 @@ def test_lora_with_fsdp_over_8_devices_gives_the_1_device_losses(tmp_path):
 
 
 def test_dpo_on_mesh_2x2x2_keeps_the_fused_kernel_and_gives_the_1_device_losses(tmp_path):
-    out = tmp_path / "preference.json"
-    result = subprocess.run([sys.executable, str(WORKER), "preference", str(out), str(tmp_path)],
-                            env=_env(8), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = json.loads(out.read_text())
+    runs = _worker_on_8_devices("preference", tmp_path)
     assert len(runs["1"]["losses"]) == STEPS and len(set(runs["1"]["losses"])) == STEPS
     np.testing.assert_allclose(runs["2x2x2"]["losses"], runs["1"]["losses"], rtol=1e-5)
     np.testing.assert_allclose(runs["2x2x2"]["margins"], runs["1"]["margins"], rtol=1e-4, atol=1e-6)
