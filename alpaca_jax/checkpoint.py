@@ -9,7 +9,7 @@ mid-save leaves the previous checkpoint as the latest one (the leftover temporar
 cleaned up when the next run opens the manager). Arrays are restored straight onto the target
 shardings, which may come from a different mesh than the one that saved them.
 
-Not here: the HF format (`alpaca_jax.hf`) and the training loop's use of all this (train/loop.py).
+Not here: the HF format (`alpaca_jax.hf`) and the training loops' use of all this (train/step_loop.py).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from alpaca_jax.llm.journal import Journal
 
 ONE_LINE_ERRORS = [
     ("alpaca_jax.configlib", "ConfigError"), ("alpaca_jax.data.records", "DataError"),
-    ("alpaca_jax.train.loop", "TrainingError"), ("alpaca_jax.train.preemption", "Interrupted"),
+    ("alpaca_jax.train.step_loop", "TrainingError"), ("alpaca_jax.train.preemption", "Interrupted"),
     ("alpaca_jax.checkpoint", "CheckpointError"), ("alpaca_jax.hf.errors", "ConversionError"),
     ("alpaca_jax.data.prompt", "PromptError"), ("alpaca_jax.data.prompt", "PromptTooLongError"),
     ("alpaca_jax.eval.runner", "EvalError"), ("alpaca_jax.eval.judge", "JudgeError"),

@@ -149,6 +149,7 @@ def test_the_lower_layers_import_no_upper_layer():
     ("alpaca_jax.model.lora_base", "alpaca_jax.hf"),    # LoRA base preparation sits below hf/ and train/
     ("alpaca_jax.model.lora_base", "alpaca_jax.train"),
     ("alpaca_jax.infer", "alpaca_jax.train.loop"),      # decoding loads no training loop
+    ("alpaca_jax.infer", "alpaca_jax.train.step_loop"),
 ])
 def test_named_modules_stay_below(module, forbidden):
     reached = _reachable(_graph(), module)
