@@ -39,8 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+from machine import load_average, machine  # this folder (a script's own is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
-from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 RESULTS = REPO / "benchmarks" / "results"
 ALPACA_FILE = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
 
@@ -315,9 +316,10 @@ def torch_worker(shape: dict, steps: int, compiled: bool) -> dict:
 
 
 # -- the driver ------------------------------------------------------------------------------
-def _run_worker(args: list[str], timeout: float) -> dict:
-    """One measurement in a fresh process; its last stdout line is the JSON result."""
-    command = [sys.executable, str(Path(__file__).resolve()), *args]
+def run_fresh_process(command: list[str], timeout: float) -> subprocess.CompletedProcess | dict:
+    """`command` in a fresh process from the repository root: the finished process, or
+    {"error": why} when it timed out or exited non-zero (with stderr's last line). gpu.py runs
+    its workers and the other benchmark scripts through this too."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
@@ -325,7 +327,13 @@ def _run_worker(args: list[str], timeout: float) -> dict:
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
         return {"error": f"exit {done.returncode}: {tail[:300]}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return done
+
+
+def _run_worker(args: list[str], timeout: float) -> dict:
+    """One measurement in a fresh process; its last stdout line is the JSON result."""
+    done = run_fresh_process([sys.executable, str(Path(__file__).resolve()), *args], timeout)
+    return done if isinstance(done, dict) else json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -36,9 +36,9 @@ from alpaca_jax.model import Llama
 from alpaca_jax.train.optim import learning_rate_schedule, make_optimizer
 from alpaca_jax.train.preference_step import preference_train_step
 from alpaca_jax.train.state import fresh_train_state
+from machine import load_average, machine  # this folder (a script's own is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
-from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 OUTPUT = REPO / "benchmarks" / "results" / "dpo.json"
 SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6)

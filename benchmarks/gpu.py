@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -219,14 +218,9 @@ def _run(command: list[str], timeout: float) -> dict:
     """A worker or benchmark script in a fresh process, within `timeout` seconds."""
     if timeout < 20:
         return {"error": "skipped: the run's time budget is spent"}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-        return {"error": f"exit {done.returncode}: {tail[:300]}"}
-    return {"stdout_tail": done.stdout.strip().splitlines()[-3:]}
+    from accelerator import run_fresh_process
+    done = run_fresh_process(command, timeout)
+    return done if isinstance(done, dict) else {"stdout_tail": done.stdout.strip().splitlines()[-3:]}
 
 
 def _worker(section: str, quick: bool, timeout: float, out: Path) -> dict:

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
+
+from machine import load_average, machine  # this folder (a script's own is on sys.path)
 
 SHAPE = ["model.hidden_size=256", "model.intermediate_size=688", "model.num_layers=4",
          "model.num_heads=8", "model.num_kv_heads=8", "model.vocab_size=4096"]

@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import load_average, machine  # this folder (a script's own is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 
 
 def run_tiny_job(run_dir: Path) -> dict:

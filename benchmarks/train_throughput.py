@@ -34,8 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+from machine import load_average, machine  # this folder (a script's own is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
-from machine import load_average, machine  # noqa: E402  (this folder, on sys.path)
 DATA_FILE = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
 OUTPUT = REPO / "benchmarks" / "results" / "train_throughput.json"
 
